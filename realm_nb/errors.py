@@ -1,0 +1,163 @@
+"""The one error family of realm-nb.
+
+Every error we raise derives from `RealmError` and says what was wrong, the bad value, and what
+to do. Each class carries the HTTP status and OpenAI-style `code` the server answers with, so a
+server-side error becomes the same class again in the SDK's server mode (see `error_from_payload`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RealmError(Exception):
+    """Base of every error realm-nb raises on purpose."""
+
+    status_code: int = 500
+    code: str = "realm_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_payload(self) -> dict[str, Any]:
+        """The OpenAI-style error body: {"error": {"message", "type", "code", "param"}}."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": type(self).__name__,
+                "code": self.code,
+                "param": self.details.get("param"),
+            }
+        }
+
+
+# --- format layer ------------------------------------------------------------------------------
+
+
+class GGUFFormatError(RealmError):
+    """A file is not a GGUF file we can read: bad magic, truncated, counts past the end, ..."""
+
+    status_code = 400
+    code = "invalid_model_file"
+
+
+class UnsupportedArchitectureError(GGUFFormatError):
+    code = "unsupported_architecture"
+
+
+class UnsupportedTensorTypeError(GGUFFormatError):
+    code = "unsupported_tensor_type"
+
+
+class MissingTensorError(GGUFFormatError):
+    code = "missing_tensor"
+
+
+class ShapeMismatchError(GGUFFormatError):
+    code = "shape_mismatch"
+
+
+class TokenizerError(RealmError):
+    status_code = 400
+    code = "tokenizer_error"
+
+
+class ChatTemplateError(RealmError):
+    status_code = 400
+    code = "chat_template_error"
+
+
+# --- models and requests -------------------------------------------------------------------------
+
+
+class ModelNotFoundError(RealmError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class PullError(RealmError):
+    status_code = 502
+    code = "pull_failed"
+
+
+class InvalidRequestError(RealmError):
+    """A request parameter has a bad value (negative max_tokens, top_p of 3, ...)."""
+
+    status_code = 400
+    code = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class QueueFullError(RealmError):
+    status_code = 503
+    code = "queue_full"
+
+
+class MemoryBudgetError(RealmError):
+    status_code = 507
+    code = "memory_budget_exceeded"
+
+
+# --- the sandbox ---------------------------------------------------------------------------------
+
+
+class GuestTrap(RealmError):
+    """A tenant's WebAssembly guest trapped (out of fuel, memory limit, bad pointer, host error)."""
+
+    status_code = 500
+    code = "guest_trap"
+
+
+class AbiVersionError(RealmError):
+    status_code = 500
+    code = "abi_version_mismatch"
+
+
+# --- server mode ---------------------------------------------------------------------------------
+
+
+class AuthenticationError(RealmError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class RateLimitError(RealmError):
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+
+class ServerConnectionError(RealmError):
+    status_code = 503
+    code = "server_unreachable"
+
+
+_BY_NAME: dict[str, type[RealmError]] = {}
+
+
+def _collect(cls: type[RealmError]) -> None:
+    _BY_NAME[cls.__name__] = cls
+    for sub in cls.__subclasses__():
+        _collect(sub)
+
+
+def error_from_payload(payload: dict[str, Any], status_code: int) -> RealmError:
+    """Rebuild the RealmError a server answered with (SDK server mode raises the same classes)."""
+    if not _BY_NAME:
+        _collect(RealmError)
+    err = payload.get("error", payload) if isinstance(payload, dict) else {}
+    message = str(err.get("message") or f"server answered HTTP {status_code}")
+    cls = _BY_NAME.get(str(err.get("type")))
+    if cls is None:
+        cls = {
+            400: InvalidRequestError,
+            401: AuthenticationError,
+            404: ModelNotFoundError,
+            422: InvalidRequestError,
+            429: RateLimitError,
+        }.get(status_code, RealmError)
+    return cls(message, param=err.get("param"))

@@ -1,0 +1,173 @@
+"""The values that cross the faces: sampling parameters, generations, model listings.
+
+Plain dataclasses with no model logic, shared by the SDK (local and server mode), the server,
+the CLI and the notebook faces, so that both modes return the very same types.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidRequestError
+
+FinishReason = Literal["stop", "length", "cancelled"]
+WeightLayout = Literal["exact", "fast"]
+WEIGHT_LAYOUTS: tuple[str, ...] = ("exact", "fast")
+
+
+def _check(ok: bool, param: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise InvalidRequestError(
+            f"{param}={value!r} is not allowed: {param} must be {rule}", param=param
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the guest picks each token. temperature 0 means greedy (argmax).
+
+    Order inside the guest: repetition penalty over the last `repeat_window` tokens, then
+    temperature, top-k (always capped, see abi.MAX_CANDIDATES), top-p, min-p, then a seeded draw.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_window: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first bad parameter."""
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", self.max_tokens,
+               "an integer >= 0")
+        _check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
+               self.temperature, "a number in [0, 100]")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k,
+               "an integer >= 0 (0 = the guest's candidate cap)")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+               "a number in (0, 1]")
+        _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p,
+               "a number in [0, 1)")
+        _check(_is_num(self.repeat_penalty) and 0 < self.repeat_penalty <= 10, "repeat_penalty",
+               self.repeat_penalty, "a number in (0, 10]")
+        _check(_is_int(self.repeat_window) and 0 <= self.repeat_window <= 4096, "repeat_window",
+               self.repeat_window, "an integer in [0, 4096]")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
+               self.seed, "null or an integer in [0, 2**64)")
+        _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
+               self.stop, "up to 16 non-empty strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One scored position: the token there, its logprob, and the k likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...]
+    token: str = ""
+
+
+@dataclass
+class Generation:
+    """The result of one generate/chat call, the same in local and server mode."""
+
+    text: str
+    token_ids: list[int]
+    prompt: str | list[int]
+    prompt_ids: list[int]
+    finish_reason: FinishReason
+    model: str
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
+    params: SamplingParams | None = None
+    tenant: str = "default"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.params is not None:
+            d["params"] = self.params.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Generation:
+        params = d.get("params")
+        logprobs = d.get("logprobs")
+        return cls(
+            text=d["text"],
+            token_ids=list(d["token_ids"]),
+            prompt=d["prompt"],
+            prompt_ids=list(d["prompt_ids"]),
+            finish_reason=d["finish_reason"],
+            model=d["model"],
+            usage=dict(d.get("usage") or {}),
+            timings=dict(d.get("timings") or {}),
+            logprobs=None if logprobs is None else [
+                TokenLogprob(
+                    token_id=e["token_id"], logprob=e["logprob"], token=e.get("token", ""),
+                    top=tuple(TopLogprob(**t) for t in e["top"]),
+                )
+                for e in logprobs
+            ],
+            params=None if params is None else SamplingParams(
+                **{**params, "stop": tuple(params.get("stop") or ())}
+            ),
+            tenant=d.get("tenant", "default"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model the registry knows: a catalogue name, a loaded file, or both."""
+
+    id: str
+    name: str
+    path: str | None
+    arch: str | None
+    quant: str | None
+    size_bytes: int | None
+    loaded: bool
+    weights: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["aliases"] = list(self.aliases)
+        return d
