@@ -1,0 +1,147 @@
+"""The only jit boundaries: `prefill` (one sequence, a chunk of tokens) and `decode_step`
+(one new token for each of B sequences at once), over a KV cache of S slots that the engine owns
+and donates to every call so XLA updates it in place.
+
+Shapes are bucketed so jit compiles a few programs only: prompt chunks pad to PREFILL_BUCKETS,
+decode batches pad to DECODE_BUCKETS (padding rows write to a scratch slot nobody owns), and
+attention reads the first t_ctx cached positions, t_ctx a power of two (>= 128).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import jax
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ContextLengthError, InvalidRequestError
+from .model import KVCache, forward
+from .weights import ModelWeights
+
+PREFILL_BUCKETS = (16, 64, 256)
+DECODE_BUCKETS = (4, 8, 16, 32)  # int8 dots are slow below 4 rows
+MIN_CTX_BUCKET = 128
+
+
+@partial(jax.jit, static_argnames=("cfg", "t_ctx", "all_logits"), donate_argnames=("cache",))
+def _step(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+          slots: jax.Array, last_index: jax.Array, *, cfg: ModelConfig, t_ctx: int,
+          all_logits: bool) -> tuple[jax.Array, KVCache]:
+    return forward(params, cache, tokens, positions, slots, last_index, cfg=cfg, t_ctx=t_ctx,
+                   all_logits=all_logits)
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+class Engine:
+    """Runs one model's weights over its own KV cache. Thread-safe (calls are serialized)."""
+
+    def __init__(self, cfg: ModelConfig, params: ModelWeights, *, n_slots: int = 8,
+                 max_context: int = 2048) -> None:
+        if n_slots < 1 or n_slots > DECODE_BUCKETS[-1]:
+            raise InvalidRequestError(
+                f"n_slots={n_slots}: must be in 1..{DECODE_BUCKETS[-1]}", param="n_slots")
+        self.cfg = cfg
+        self.params = params
+        self.n_slots = n_slots
+        self.scratch_slot = n_slots  # padding rows of a batch write here
+        self.max_context = min(max_context, cfg.context_length)
+        self.t_max = self.max_context + PREFILL_BUCKETS[-1]
+        self.cache = KVCache.zeros(cfg, n_slots + 1, self.t_max)
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache.k.nbytes) + int(self.cache.v.nbytes)
+
+    def _ctx_bucket(self, n_positions: int) -> int:
+        c = MIN_CTX_BUCKET
+        while c < n_positions:
+            c *= 2
+        return min(c, self.t_max)
+
+    def check_room(self, start: int, n_new: int) -> None:
+        if start + n_new > self.max_context:
+            raise ContextLengthError(
+                f"the sequence would reach {start + n_new} tokens, past this model's context "
+                f"of {self.max_context} tokens; shorten the prompt or lower max_tokens",
+                param="messages")
+
+    def prefill(self, slot: int, tokens: list[int] | np.ndarray, start: int,
+                all_logits: bool = False) -> np.ndarray:
+        """Append tokens at positions start.. of `slot`, in chunks.
+
+        Returns f32 [V] logits of the last token, or [n, V] for every token if all_logits.
+        """
+        ids = np.asarray(tokens, dtype=np.int32)
+        n = len(ids)
+        if n == 0:
+            raise InvalidRequestError("prefill needs at least one token", param="prompt")
+        self.check_room(start, n)
+        outs = []
+        chunk_max = PREFILL_BUCKETS[-1]
+        for at in range(0, n, chunk_max):
+            chunk = ids[at : at + chunk_max]
+            m = len(chunk)
+            t_b = _bucket(m, PREFILL_BUCKETS)
+            pos0 = start + at
+            padded = np.zeros((1, t_b), np.int32)
+            padded[0, :m] = chunk
+            positions = (pos0 + np.arange(t_b, dtype=np.int32))[None, :]
+            logits = self._run(padded, positions, np.array([slot], np.int32),
+                               np.array([m - 1], np.int32), self._ctx_bucket(pos0 + m),
+                               all_logits)
+            outs.append(logits[0, :m] if all_logits else logits[0])
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1]
+
+    def decode_step(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One new token for each of B sequences: returns f32 [B, V]."""
+        b = len(slots)
+        if b == 0:
+            return np.zeros((0, self.cfg.vocab_size), np.float32)
+        for p in positions:
+            self.check_room(p, 1)
+        rows = _bucket(b, DECODE_BUCKETS)
+        tok = np.zeros((rows, 1), np.int32)
+        pos = np.zeros((rows, 1), np.int32)
+        slot_ids = np.full((rows,), self.scratch_slot, np.int32)
+        tok[:b, 0] = tokens
+        pos[:b, 0] = positions
+        slot_ids[:b] = slots
+        logits = self._run(tok, pos, slot_ids, np.zeros((rows,), np.int32),
+                           self._ctx_bucket(max(positions) + 1), False)
+        return logits[:b]
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+             last_index: np.ndarray, t_ctx: int, all_logits: bool) -> np.ndarray:
+        with self._lock:
+            logits, self.cache = _step(self.params, self.cache, tokens, positions, slots,
+                                       last_index, cfg=self.cfg, t_ctx=t_ctx,
+                                       all_logits=all_logits)
+            self.steps += 1
+            return np.asarray(logits)
+
+    # ------------------------------------------------------------------ host-side reference loop
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int, slot: int = 0,
+               stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy generation with the loop on the host: the reference the guest must equal."""
+        logits = self.prefill(slot, prompt_ids, 0)
+        out: list[int] = []
+        pos = len(prompt_ids)
+        while len(out) < max_tokens:
+            token = int(np.argmax(logits))
+            out.append(token)
+            if token in stop_ids or len(out) == max_tokens:
+                break
+            logits = self.decode_step([slot], [token], [pos])[0]
+            pos += 1
+        return out

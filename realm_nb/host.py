@@ -1,0 +1,154 @@
+"""The host side of one request: what the guest's `realm_host` imports do, in Python and JAX.
+
+`RequestHost` implements `tenants.TenantHost` for one generation: `forward` goes through the
+model's scheduler (batched jitted steps over the shared store), `emit` detokenizes incrementally,
+applies stop strings, scores logprobs when asked, and streams text pieces out; it answers 1
+(stop) on a stop string, end-of-generation, max tokens or cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import InvalidRequestError
+from .scheduler import Scheduler, Sequence
+from .store import LayerStore, ModelEntry
+from .tenants import Cancelled
+from .types import FinishReason, SamplingParams, TokenLogprob, TopLogprob
+
+log = logging.getLogger("realm_nb.guest")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - np.max(logits, axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def score(logits: np.ndarray, token: int, k: int, token_text: Callable[[int], str]) -> TokenLogprob:
+    """Logprob of `token` under `logits` [V], and the k likeliest tokens."""
+    lp = log_softmax(logits.astype(np.float64))
+    top: tuple[TopLogprob, ...] = ()
+    if k > 0:
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.argsort(-lp[idx], kind="stable")]
+        top = tuple(TopLogprob(int(i), float(lp[i]), token_text(int(i))) for i in idx)
+    return TokenLogprob(int(token), float(lp[token]), top, token_text(int(token)))
+
+
+class RequestHost:
+    """One generation's host state; the guest thread calls into it."""
+
+    def __init__(self, *, store: LayerStore, entry: ModelEntry, scheduler: Scheduler,
+                 seq: Sequence, prompt_ids: list[int], params: SamplingParams,
+                 logprobs: int | None, echo: bool, on_text: Callable[[str], None],
+                 cancel_event: threading.Event) -> None:
+        self.store = store
+        self.entry = entry
+        self.scheduler = scheduler
+        self.seq = seq
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.logprobs = logprobs
+        self.echo = echo
+        self.on_text = on_text
+        self.cancel_event = cancel_event
+        self.codec = entry.codec
+        self.eos_ids = set(entry.codec.eos_ids)
+        self.tokens: list[int] = []
+        self.text = ""  # decoded text, cut at a stop string when one matched
+        self.sent = 0  # characters of `text` already streamed
+        self.finish_reason: FinishReason | None = None
+        self.scored: list[TokenLogprob] = []
+        self._last_logits: np.ndarray | None = None
+        self.t_start = time.perf_counter()
+        self.t_first_token: float | None = None
+        self.t_prompt_done: float | None = None
+        self.forwards = 0
+
+    # ------------------------------------------------------------------ realm_host imports
+
+    def forward(self, tokens: np.ndarray) -> np.ndarray:
+        if self.cancel_event.is_set():
+            raise Cancelled("the request was cancelled")
+        first = self.forwards == 0
+        self.forwards += 1
+        if first and list(tokens) != self.prompt_ids:
+            raise InvalidRequestError("the guest's first forward must be the prompt")
+        want_all = first and self.echo and self.logprobs is not None
+        logits = self.scheduler.forward(self.seq, tokens, all_logits=want_all)
+        if want_all:
+            k = self.logprobs or 0
+            for pos in range(1, len(tokens)):
+                self.scored.append(score(logits[pos - 1], int(tokens[pos]), k,
+                                         self.codec.token_text))
+            logits = logits[-1]
+        if first:
+            self.t_prompt_done = time.perf_counter()
+        self._last_logits = logits if self.logprobs is not None else None
+        return logits
+
+    def emit(self, token: int) -> int:
+        if self.t_first_token is None:
+            self.t_first_token = time.perf_counter()
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            self._flush(final=True)
+            return 1
+        if self._last_logits is not None:
+            self.scored.append(score(self._last_logits, token, self.logprobs or 0,
+                                     self.codec.token_text))
+        self.tokens.append(token)
+        if self._update_text():
+            self.finish_reason = "stop"
+            self._flush(final=True)
+            return 1
+        if self.cancel_event.is_set():
+            self.finish_reason = "cancelled"
+            self._flush(final=True)
+            return 1
+        if len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            self._flush(final=True)
+            return 1
+        self._flush(final=False)
+        return 0
+
+    def load_layer(self, layer: int) -> None:
+        self.store.load_layer(self.entry, layer)
+
+    def log(self, message: str) -> None:
+        log.info("tenant %s: %s", self.seq.tenant, message)
+
+    # ------------------------------------------------------------------ text
+
+    def _update_text(self) -> bool:
+        """Decode all tokens so far; True when a stop string appeared (text is cut before it)."""
+        text = self.codec.decode(self.tokens)
+        for stop in self.params.stop:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at >= 0:
+                self.text = text[:at]
+                return True
+        self.text = text
+        return False
+
+    def _flush(self, final: bool) -> None:
+        """Stream what is safe to show: never half a UTF-8 character nor a possible stop prefix."""
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:n]):
+                        end = min(end, len(self.text[:end]) - n)
+                        break
+        if end > self.sent:
+            piece = self.text[self.sent : end]
+            self.sent = end
+            self.on_text(piece)

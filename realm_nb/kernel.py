@@ -1,0 +1,406 @@
+"""`RealmKernel`: the runtime facade every face talks to (SDK local mode, server, magics, panel).
+
+It owns the Memory64 store, one scheduler per resident model, and the tenants' guest sandboxes.
+`generate` starts a request at once in its own thread, where the tenant's WebAssembly guest runs
+the token loop, and returns a `GenerationStream` of text pieces that ends with a `Generation`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from . import abi
+from .errors import ContextLengthError, InvalidRequestError, RealmError
+from .host import RequestHost
+from .scheduler import Scheduler
+from .store import LayerStore, ModelEntry
+from .tenants import Cancelled, Tenant
+from .tokenizer import validate_messages
+from .types import FinishReason, Generation, ModelInfo, SamplingParams
+
+MAX_GUESTS_PER_TENANT = 32  # concurrent requests of one tenant, each in its own guest instance
+
+
+class _Done:
+    def __init__(self, generation: Generation | None, error: BaseException | None) -> None:
+        self.generation = generation
+        self.error = error
+
+
+class GenerationStream:
+    """Text pieces of a running generation; iterate it, or call `result()`.
+
+    Closing it, `cancel()`, or Ctrl-C while waiting stops the generation; the partial text is
+    kept in `.generation` with finish_reason "cancelled".
+    """
+
+    def __init__(self, request_id: str, tenant: str, model: str) -> None:
+        self.request_id = request_id
+        self.tenant = tenant
+        self.model = model
+        self.generation: Generation | None = None
+        self.error: BaseException | None = None
+        self.cancel_event = threading.Event()
+        self._queue: queue.Queue[str | _Done] = queue.Queue()
+        self._finished = threading.Event()
+
+    # producer side
+    def _put(self, piece: str) -> None:
+        self._queue.put(piece)
+
+    def _finish(self, generation: Generation | None, error: BaseException | None) -> None:
+        self.generation, self.error = generation, error
+        self._finished.set()
+        self._queue.put(_Done(generation, error))
+
+    # consumer side
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._queue.get()
+                if isinstance(item, _Done):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        except (KeyboardInterrupt, GeneratorExit):
+            self.cancel()
+            self._finished.wait()
+            if not isinstance(self.error, Cancelled) and self.error is not None:
+                raise self.error from None
+
+    def close(self) -> None:
+        self.cancel()
+        self._finished.wait()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the end (Ctrl-C cancels and returns the partial generation)."""
+        try:
+            if not self._finished.wait(timeout):
+                raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+        except KeyboardInterrupt:
+            self.cancel()
+            self._finished.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.generation is not None
+        return self.generation
+
+    @property
+    def text(self) -> str:
+        return self.generation.text if self.generation else ""
+
+
+class _TenantRecord:
+    """A tenant: its idle guest instances, and totals across its requests."""
+
+    def __init__(self, tenant_id: str) -> None:
+        self.id = tenant_id
+        self.idle: list[Tenant] = []
+        self.busy: list[Tenant] = []
+        self.retired_fuel = 0
+        self.retired_tokens = 0
+        self.requests = 0
+        self.traps = 0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> Tenant:
+        with self.lock:
+            if self.idle:
+                guest = self.idle.pop()
+            elif len(self.busy) >= MAX_GUESTS_PER_TENANT:
+                raise InvalidRequestError(
+                    f"tenant {self.id!r} already runs {len(self.busy)} requests, the most one "
+                    "tenant may run at once; wait for one to finish", param="tenant")
+            else:
+                guest = None
+            if guest is None:
+                guest = Tenant(self.id)
+            self.busy.append(guest)
+            self.requests += 1
+            return guest
+
+    def release(self, guest: Tenant) -> None:
+        with self.lock:
+            self.busy.remove(guest)
+            self.idle.append(guest)
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            guests = [g.stats() for g in (*self.busy, *self.idle)]
+        return {
+            "id": self.id,
+            "state": "running" if self.busy else "idle",
+            "running": len(self.busy),
+            "guests": len(guests),
+            "requests": self.requests,
+            "fuel_used": sum(int(g.get("fuel_used", 0)) for g in guests),
+            "memory_bytes": sum(int(g.get("memory_bytes", 0)) for g in guests),
+            "tokens": sum(int(g.get("tokens", 0)) for g in guests),
+            "traps": self.traps,
+        }
+
+
+class RealmKernel:
+    """Process-wide runtime: store, schedulers, tenants, running requests."""
+
+    _shared: RealmKernel | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self, *, n_slots: int = 8, max_context: int = 2048,
+                 budget_bytes: int | None = None, layout: str = "fast",
+                 max_queue: int = 64) -> None:
+        self.store = LayerStore(budget_bytes=budget_bytes, n_slots=n_slots,
+                                max_context=max_context, layout=layout)
+        self.max_queue = max_queue
+        self._schedulers: dict[str, Scheduler] = {}
+        self._tenants: dict[str, _TenantRecord] = {}
+        self._requests: dict[str, GenerationStream] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self.counters = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "cancelled": 0,
+                         "errors": 0}
+
+    @classmethod
+    def shared(cls) -> RealmKernel:
+        """The process's kernel (what local-mode `Realm`s and the magics share)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls(
+                    n_slots=int(os.environ.get("REALM_NB_SLOTS", "8")),
+                    max_context=int(os.environ.get("REALM_NB_CONTEXT", "2048")),
+                    layout=os.environ.get("REALM_NB_WEIGHTS", "fast"),
+                )
+            return cls._shared
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> list[ModelInfo]:
+        return self.store.list()
+
+    def load_model(self, source: str, name: str | None = None,
+                   weights: str | None = None) -> ModelInfo:
+        entry = self.store.register(source, name=name, layout=weights)
+        self.store.ensure_resident(entry)
+        return entry.info()
+
+    def model(self, name: str, weights: str | None = None) -> ModelEntry:
+        """A loaded model by name/alias/id; catalogue names and paths register on first use."""
+        try:
+            entry = self.store.get(name)
+            if weights is None or entry.layout == weights:
+                return entry
+        except RealmError:
+            pass
+        return self.store.register(name, layout=weights)
+
+    def unload_model(self, name: str) -> ModelInfo:
+        entry = self.store.unload(name)
+        with self._lock:
+            sched = self._schedulers.pop(entry.id, None)
+        if sched is not None:
+            sched.stop()
+        return entry.info()
+
+    def scheduler(self, entry: ModelEntry) -> Scheduler:
+        with self._lock:
+            sched = self._schedulers.get(entry.id)
+            if sched is None:
+                sched = Scheduler(lambda: self.store.ensure_resident(entry), self.store.n_slots,
+                                  max_queue=self.max_queue, name=entry.name)
+                self._schedulers[entry.id] = sched
+            return sched
+
+    def tenant(self, tenant_id: str) -> _TenantRecord:
+        if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:
+            raise InvalidRequestError(f"tenant={tenant_id!r} must be a non-empty string of at "
+                                      "most 128 characters", param="tenant")
+        with self._lock:
+            rec = self._tenants.get(tenant_id)
+            if rec is None:
+                rec = self._tenants[tenant_id] = _TenantRecord(tenant_id)
+            return rec
+
+    # ------------------------------------------------------------------ text helpers
+
+    def render_chat(self, model: str, messages: list[dict[str, Any]]) -> str:
+        return self.model(model).codec.render_chat(validate_messages(messages))
+
+    def tokenize(self, model: str, text: str) -> list[int]:
+        return self.model(model).codec.encode(text)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, *, tenant: str, model: str, prompt: str | list[int],
+                 params: SamplingParams, echo: bool = False, logprobs: int | None = None,
+                 weights: str | None = None) -> GenerationStream:
+        """Start a generation in the tenant's guest; return its stream at once."""
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= 20):
+            raise InvalidRequestError(f"logprobs={logprobs!r} must be an integer in 0..20",
+                                      param="logprobs")
+        entry = self.model(model, weights)
+        prompt_ids = self._prompt_ids(entry, prompt)
+        rec = self.tenant(tenant)
+        rid = f"req-{next(self._ids)}"
+        stream = GenerationStream(rid, tenant, entry.name)
+        with self._lock:
+            self._requests[rid] = stream
+            self.counters["requests"] += 1
+        thread = threading.Thread(target=self._run, name=f"realm-{tenant}-{rid}", daemon=True,
+                                  args=(stream, rec, entry, prompt, prompt_ids, params, echo,
+                                        logprobs))
+        thread.start()
+        return stream
+
+    def _prompt_ids(self, entry: ModelEntry, prompt: str | list[int]) -> list[int]:
+        vocab = entry.cfg.vocab_size
+        if isinstance(prompt, str):
+            ids = entry.codec.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token id {bad[0]} is outside the vocabulary 0..{vocab - 1}",
+                    param="prompt")
+        else:
+            raise InvalidRequestError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                param="prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text",
+                                      param="prompt")
+        limit = self.store.max_context
+        if len(ids) >= min(limit, entry.cfg.context_length):
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context holds "
+                f"{min(limit, entry.cfg.context_length)} (prompt plus output); shorten it",
+                param="prompt")
+        return ids
+
+    def _run(self, stream: GenerationStream, rec: _TenantRecord, entry: ModelEntry,
+             prompt: str | list[int], prompt_ids: list[int], params: SamplingParams,
+             echo: bool, logprobs: int | None) -> None:
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        t0 = time.perf_counter()
+        sched = self.scheduler(entry)
+        entry.in_use += 1
+        seq = None
+        guest = None
+        host = None
+        error: BaseException | None = None
+        finish: FinishReason = "stop"
+        try:
+            seq = sched.open(stream.tenant, stream.cancel_event.is_set)
+            host = RequestHost(store=self.store, entry=entry, scheduler=sched, seq=seq,
+                               prompt_ids=prompt_ids, params=params, logprobs=logprobs,
+                               echo=echo, on_text=stream._put, cancel_event=stream.cancel_event)
+            request = abi.pack_request(
+                vocab_size=entry.cfg.vocab_size, prompt=prompt_ids, max_tokens=params.max_tokens,
+                seed=seed, temperature=params.temperature, top_k=params.top_k,
+                top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+                repeat_window=params.repeat_window, eos_ids=entry.codec.eos_ids)
+            guest = rec.acquire()
+            guest.run(request, host)
+            finish = host.finish_reason or ("length" if params.max_tokens == 0 else "stop")
+        except Cancelled:
+            finish = "cancelled"
+        except ContextLengthError as e:
+            if host is None or (host.forwards <= 1 and not host.tokens):
+                error = e
+            finish = "length"
+        except BaseException as e:  # surfaced to the consumer, never lost in this thread
+            error = e
+            if "trap" in type(e).__name__.lower():
+                rec.traps += 1
+        finally:
+            if guest is not None:
+                rec.release(guest)
+            if seq is not None:
+                sched.close(seq)
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+        generation = None
+        if error is None and host is not None:
+            if host.finish_reason is None and finish != "cancelled":
+                host._flush(final=True)
+            generation = self._generation(stream, entry, prompt, prompt_ids, params, seed, host,
+                                          finish, echo, logprobs, t0)
+        with self._lock:
+            self._requests.pop(stream.request_id, None)
+            if error is not None:
+                self.counters["errors"] += 1
+            if generation is not None:
+                self.counters["tokens"] += len(generation.token_ids)
+                self.counters["prompt_tokens"] += len(prompt_ids)
+                if finish == "cancelled":
+                    self.counters["cancelled"] += 1
+        stream._finish(generation, error)
+
+    def _generation(self, stream: GenerationStream, entry: ModelEntry, prompt: str | list[int],
+                    prompt_ids: list[int], params: SamplingParams, seed: int,
+                    host: RequestHost, finish: FinishReason, echo: bool,
+                    logprobs: int | None, t0: float) -> Generation:
+        t_end = time.perf_counter()
+        n = len(host.tokens)
+        prompt_done = host.t_prompt_done or t_end
+        first = host.t_first_token or t_end
+        decode_s = max(t_end - first, 1e-9)
+        timings = {
+            "prompt_ms": (prompt_done - t0) * 1000,
+            "ttft_ms": (first - t0) * 1000,
+            "decode_ms": decode_s * 1000,
+            "total_ms": (t_end - t0) * 1000,
+            "tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
+        }
+        scored = host.scored if logprobs is not None else None
+        return Generation(
+            text=host.text, token_ids=list(host.tokens), prompt=prompt,
+            prompt_ids=list(prompt_ids), finish_reason=finish, model=entry.name,
+            usage={"prompt_tokens": len(prompt_ids), "completion_tokens": n,
+                   "total_tokens": len(prompt_ids) + n},
+            timings=timings, logprobs=scored,
+            params=SamplingParams(**{**params.to_dict(), "seed": seed,
+                                     "stop": tuple(params.stop)}),
+            tenant=stream.tenant)
+
+    # ------------------------------------------------------------------ control and stats
+
+    def cancel(self, tenant: str, request_id: str | None = None) -> int:
+        """Cancel this tenant's running requests (or one of them); returns how many."""
+        with self._lock:
+            mine = [s for s in self._requests.values() if s.tenant == tenant and (
+                request_id is None or s.request_id == request_id)]
+        for s in mine:
+            s.cancel()
+        return len(mine)
+
+    def running(self, tenant: str | None = None) -> list[dict[str, str]]:
+        with self._lock:
+            return [{"id": s.request_id, "tenant": s.tenant, "model": s.model}
+                    for s in self._requests.values() if tenant is None or s.tenant == tenant]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            tenants = [r.stats() for r in self._tenants.values()]
+            scheds = {sid: {"steps": s.steps, "decode_rows": s.decode_rows,
+                            "prefill_tokens": s.prefill_tokens, "queue_depth": s.queue_depth,
+                            "open_sequences": s.open_sequences}
+                      for sid, s in self._schedulers.items()}
+        return {"tenants": tenants, "store": self.store.stats(), "schedulers": scheds,
+                "requests": dict(self.counters), "running": len(self._requests)}

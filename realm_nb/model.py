@@ -1,0 +1,121 @@
+"""The llama-family forward in plain JAX: embedding → L × (RMSNorm, GQA attention with RoPE,
+SwiGLU) → RMSNorm → head. Pure functions; `engine.py` holds the only jit boundaries.
+
+Glossary: B batch rows, T new tokens per row, S cache slots, C cached positions (t_ctx), D width,
+H query heads, G kv heads, R = H / G query heads per kv head, K head dim, F ffn, V vocab, L layers.
+
+The KV cache is carried whole through `lax.scan` and updated in place (with the cache donated by
+the caller): passing per-layer slices made XLA copy the cache every call (FACTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .weights import LayerWeights, ModelWeights, embed_rows, linear
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, S, Tmax, G, K] f32
+    v: jax.Array  # [L, S, Tmax, G, K] f32
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, n_slots: int, max_positions: int) -> KVCache:
+        shape = (cfg.n_layers, n_slots, max_positions, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+# ================================================================ building blocks
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, K/2] for integer positions [B, T]."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate adjacent pairs (x[2i], x[2i+1]): the layout GGUF llama files store q/k weights in."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape)
+
+
+def attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
+              cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention of new queries over cached keys.
+
+    q [B, T, H, K]; keys, values [B, C, G, K]; positions [B, T] → [B, T, H*K].
+    Cached position c is visible to a query at position p when c <= p (causal; it also hides
+    stale entries past the sequence's end).
+    """
+    b, t = q.shape[:2]
+    c = keys.shape[1]
+    qg = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    scores = jnp.einsum("btgrk,bcgk->btgrc", qg, keys) * (cfg.head_dim ** -0.5)
+    visible = jnp.arange(c)[None, None, :] <= positions[:, :, None]  # [B, T, C]
+    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("btgrc,bcgk->btgrk", probs, values)
+    return out.reshape(b, t, cfg.n_heads * cfg.head_dim)
+
+
+# ================================================================ the forward
+
+
+def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+            slots: jax.Array, last_index: jax.Array, *, cfg: ModelConfig, t_ctx: int,
+            all_logits: bool) -> tuple[jax.Array, KVCache]:
+    """Append tokens to their slots' sequences and return logits.
+
+    Args:
+      tokens, positions: [B, T] int32: new tokens and their absolute positions.
+      slots: [B] int32 cache slot of each row.
+      last_index: [B] int32 index in T of each row's last real token (rows may be padded).
+      t_ctx: static number of cached positions attention reads (a bucket >= max position + 1).
+      all_logits: static; True → logits [B, T, V] for every position, else [B, V] at last_index.
+    Returns: (logits, the updated cache).
+    """
+    b, t = tokens.shape
+    x = embed_rows(params.embed, tokens)  # [B, T, D]
+    cos, sin = rope_tables(positions, cfg)
+    rows = slots[:, None]  # [B, 1] broadcasts against positions [B, T]
+
+    def block(carry: tuple[jax.Array, jax.Array, jax.Array],
+              layer: tuple[LayerWeights, jax.Array]) -> tuple[tuple[jax.Array, ...], None]:
+        x, k_cache, v_cache = carry
+        w, l = layer
+        h = rms_norm(x, w.attn_norm, cfg.rms_eps)
+        q = linear(h, w.wq).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = linear(h, w.wk).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(h, w.wv).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache = k_cache.at[l, rows, positions].set(k)
+        v_cache = v_cache.at[l, rows, positions].set(v)
+        keys = k_cache[l, slots, :t_ctx]  # [B, C, G, K]
+        values = v_cache[l, slots, :t_ctx]
+        x = x + linear(attention(q, keys, values, positions, cfg), w.wo)
+        h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
+        x = x + linear(jax.nn.silu(linear(h, w.w_gate)) * linear(h, w.w_up), w.w_down)
+        return (x, k_cache, v_cache), None
+
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    (x, k_cache, v_cache), _ = jax.lax.scan(block, (x, cache.k, cache.v),
+                                            (params.layers, layer_ids))
+    if not all_logits:
+        x = x[jnp.arange(b), last_index]  # [B, D]
+    x = rms_norm(x, params.norm, cfg.rms_eps)
+    return linear(x, params.head), KVCache(k_cache, v_cache)

@@ -1,0 +1,196 @@
+"""`Realm`: the Python SDK, one API over two backends.
+
+- local: the in-process `RealmKernel` (shared by every local `Realm` of the process, so tenants
+  on one model share one copy of the weights);
+- server: a realm-nb server over HTTP (`realm_nb.client.HttpBackend`);
+- auto: server when an endpoint is given or REALM_ENDPOINT is set, else local.
+
+Both backends return the same types (`Generation`, `ModelInfo`, a stream of text pieces) and raise
+the same `RealmError` classes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, Literal, Protocol
+
+from .catalogue import DEFAULT_MODEL
+from .errors import InvalidRequestError
+from .types import Generation, ModelInfo, SamplingParams
+
+Mode = Literal["local", "server", "auto"]
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                 "repeat_window", "seed", "stop")
+
+
+class Stream(Protocol):
+    """A running generation: iterate for text pieces; `.generation` once done."""
+
+    generation: Generation | None
+
+    def __iter__(self) -> Iterator[str]: ...
+    def cancel(self) -> None: ...
+    def close(self) -> None: ...
+    def result(self, timeout: float | None = None) -> Generation: ...
+
+
+class Backend(Protocol):
+    def models(self) -> list[ModelInfo]: ...
+    def load_model(self, source: str, name: str | None, weights: str | None) -> ModelInfo: ...
+    def unload_model(self, name: str) -> ModelInfo: ...
+    def generate(self, *, tenant: str, model: str, prompt: str | list[int],
+                 params: SamplingParams, echo: bool, logprobs: int | None,
+                 weights: str | None) -> Stream: ...
+    def chat(self, *, tenant: str, model: str, messages: list[dict[str, Any]],
+             params: SamplingParams, logprobs: int | None, weights: str | None) -> Stream: ...
+    def cancel(self, tenant: str) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class LocalBackend:
+    """The in-process kernel."""
+
+    def __init__(self) -> None:
+        from .kernel import RealmKernel
+
+        self.kernel = RealmKernel.shared()
+
+    def models(self) -> list[ModelInfo]:
+        return self.kernel.models()
+
+    def load_model(self, source: str, name: str | None, weights: str | None) -> ModelInfo:
+        return self.kernel.load_model(source, name=name, weights=weights)
+
+    def unload_model(self, name: str) -> ModelInfo:
+        return self.kernel.unload_model(name)
+
+    def generate(self, *, tenant: str, model: str, prompt: str | list[int],
+                 params: SamplingParams, echo: bool, logprobs: int | None,
+                 weights: str | None) -> Stream:
+        return self.kernel.generate(tenant=tenant, model=model, prompt=prompt, params=params,
+                                    echo=echo, logprobs=logprobs, weights=weights)
+
+    def chat(self, *, tenant: str, model: str, messages: list[dict[str, Any]],
+             params: SamplingParams, logprobs: int | None, weights: str | None) -> Stream:
+        entry = self.kernel.model(model, weights)
+        prompt = entry.codec.render_chat(messages)
+        return self.kernel.generate(tenant=tenant, model=model, prompt=prompt, params=params,
+                                    logprobs=logprobs, weights=weights)
+
+    def cancel(self, tenant: str) -> int:
+        return self.kernel.cancel(tenant)
+
+    def stats(self) -> dict[str, Any]:
+        return self.kernel.stats()
+
+
+class Realm:
+    """Generate text with GGUF models, locally or through a realm-nb server."""
+
+    def __init__(self, mode: Mode = "auto", *, default_model: str | None = None,
+                 endpoint: str | None = None, api_key: str | None = None,
+                 tenant: str = "default", weights: str | None = None,
+                 timeout: float = 600.0) -> None:
+        if mode not in ("local", "server", "auto"):
+            raise InvalidRequestError(f"mode={mode!r}: choose 'local', 'server' or 'auto'",
+                                      param="mode")
+        endpoint = endpoint or os.environ.get("REALM_ENDPOINT") or None
+        if mode == "auto":
+            mode = "server" if endpoint else "local"
+        if weights is not None:
+            from .weights import check_layout
+
+            check_layout(weights)
+        self.mode: Mode = mode
+        self.tenant = tenant
+        self.weights = weights
+        self.endpoint = endpoint
+        self.model = default_model or os.environ.get("REALM_MODEL") or DEFAULT_MODEL
+        self._streams: list[Stream] = []
+        self._backend: Backend
+        if mode == "server":
+            if not endpoint:
+                raise InvalidRequestError(
+                    "mode='server' needs endpoint='http://host:port' (or REALM_ENDPOINT)",
+                    param="endpoint")
+            from .client import HttpBackend
+
+            self._backend = HttpBackend(endpoint, api_key=api_key or os.environ.get(
+                "REALM_API_KEY"), timeout=timeout)
+        else:
+            self._backend = LocalBackend()
+
+    def __repr__(self) -> str:
+        where = self.endpoint if self.mode == "server" else "this process"
+        return f"Realm(mode={self.mode!r}, model={self.model!r}, tenant={self.tenant!r}, {where})"
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> list[ModelInfo]:
+        return self._backend.models()
+
+    def load_model(self, source: str, name: str | None = None) -> str:
+        """Load a catalogue name or .gguf path; returns the model id."""
+        return self._backend.load_model(source, name, self.weights).id
+
+    def use_model(self, name: str) -> None:
+        """Make `name` the default for later calls (it loads on first use if needed)."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequestError(f"use_model needs a model name, got {name!r}",
+                                      param="model")
+        self.model = name
+
+    def unload_model(self, name: str) -> None:
+        self._backend.unload_model(name)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt: str | list[int], model: str | None = None, stream: bool = False,
+                 *, echo: bool = False, logprobs: int | None = None,
+                 **sampling: Any) -> Generation | Stream:
+        """Complete `prompt` (text or token ids). stream=True returns an iterator of pieces."""
+        params = _params(sampling)
+        s = self._backend.generate(tenant=self.tenant, model=model or self.model, prompt=prompt,
+                                   params=params, echo=echo, logprobs=logprobs,
+                                   weights=self.weights)
+        return self._finish(s, stream)
+
+    def chat(self, messages: list[dict[str, Any]], model: str | None = None,
+             stream: bool = False, *, logprobs: int | None = None,
+             **sampling: Any) -> Generation | Stream:
+        """Reply to a conversation, formatted with the model's own chat template."""
+        params = _params(sampling)
+        s = self._backend.chat(tenant=self.tenant, model=model or self.model, messages=messages,
+                               params=params, logprobs=logprobs, weights=self.weights)
+        return self._finish(s, stream)
+
+    def _finish(self, s: Stream, stream: bool) -> Generation | Stream:
+        if stream:
+            self._streams = [x for x in self._streams if x.generation is None]
+            self._streams.append(s)
+            return s
+        return s.result()
+
+    def cancel(self) -> int:
+        """Stop this tenant's running generations; their partial text is kept."""
+        for s in self._streams:
+            s.cancel()
+        return self._backend.cancel(self.tenant)
+
+    def stats(self) -> dict[str, Any]:
+        return self._backend.stats()
+
+
+def _params(sampling: dict[str, Any]) -> SamplingParams:
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown parameter(s) {unknown}; sampling parameters are {list(SAMPLING_KEYS)}",
+            param=unknown[0])
+    if "stop" in sampling and sampling["stop"] is not None:
+        stop = sampling["stop"]
+        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    elif "stop" in sampling:
+        sampling["stop"] = ()
+    return SamplingParams(**sampling)

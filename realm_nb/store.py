@@ -1,0 +1,294 @@
+"""The Memory64 layer store: one copy of each model's weights, shared by every tenant.
+
+Models are registered by content hash (id) and by name/aliases. Registering opens and validates
+the file but loads no weights; layers become resident on first use (`ensure_resident`, called by
+the first forward) or one at a time (`load_layer`, the guest's `memory64_load_layer`). Resident
+bytes are accounted per model against a budget; when a load would pass it, models that no
+request is using are evicted, least recently used first. Sizes and offsets are Python ints
+(64-bit and beyond), so models over 4 GiB need nothing special.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import catalogue
+from .config import ModelConfig
+from .engine import Engine
+from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
+from .gguf_io import GGUFFile, open_gguf
+from .tokenizer import TextCodec, load_codec
+from .types import ModelInfo
+from .weights import (
+    LayerWeights,
+    ModelWeights,
+    check_layout,
+    check_tensors,
+    load_globals,
+    load_layer,
+    nbytes,
+    stack_layers,
+    stack_types,
+)
+
+DEFAULT_LAYOUT = "fast"
+
+ProgressFn = Callable[[int, int], None]  # (layers resident, layers in all)
+
+
+def content_id(path: Path) -> str:
+    """sha256 of the file, cached beside the model cache keyed by (path, size, mtime)."""
+    entry = next((e for e in catalogue.CATALOGUE
+                  if catalogue.cached_path(e) == path and catalogue.is_pulled(e)), None)
+    if entry is not None:
+        return entry.sha256[:16]
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    memo = catalogue.cache_dir() / "ids" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = catalogue.sha256_of(path)[:16]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass  # the id is still right; only the next lookup is slower
+    return digest
+
+
+@dataclass
+class ModelEntry:
+    """One registered model: its file, config, tokenizer, and whatever of it is resident."""
+
+    id: str
+    name: str
+    path: Path
+    layout: str
+    file: GGUFFile
+    cfg: ModelConfig
+    codec: TextCodec
+    aliases: tuple[str, ...] = ()
+    layers: list[LayerWeights | None] = field(default_factory=list)
+    engine: Engine | None = None
+    resident_bytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def n_resident_layers(self) -> int:
+        return self.n_layers if self.engine else sum(x is not None for x in self.layers)
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    def info(self) -> ModelInfo:
+        quant = self.file.metadata.get("general.file_type")
+        qname = _FILE_TYPES.get(int(quant), str(quant)) if quant is not None else None
+        return ModelInfo(id=self.id, name=self.name, path=str(self.path), arch=self.cfg.arch,
+                         quant=qname, size_bytes=self.file.file_size, loaded=self.loaded,
+                         weights=self.layout, aliases=self.aliases)
+
+
+# llama.cpp's general.file_type values, for listings.
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+               16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+class LayerStore:
+    """Registry and residency of models. Thread-safe."""
+
+    def __init__(self, *, budget_bytes: int | None = None, n_slots: int = 8,
+                 max_context: int = 2048, layout: str = DEFAULT_LAYOUT) -> None:
+        self.budget_bytes = budget_bytes
+        self.n_slots = n_slots
+        self.max_context = max_context
+        self.default_layout = check_layout(layout)
+        self._models: dict[str, ModelEntry] = {}  # by id
+        self._lock = threading.RLock()
+        self.evictions = 0
+
+    # ------------------------------------------------------------------ registry
+
+    def register(self, source: str | Path, name: str | None = None,
+                 layout: str | None = None) -> ModelEntry:
+        """Open and validate a model (catalogue name or .gguf path); load no weights yet."""
+        layout = check_layout(layout or self.default_layout)
+        src = str(source)
+        entry_cat = catalogue.find_entry(src)
+        path = catalogue.resolve_model_path(src)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidRequestError(f"name={name!r} must be a non-empty string", param="name")
+        mid = content_id(path)
+        with self._lock:
+            for m in self._models.values():
+                if m.id == mid and m.layout == layout:
+                    if name and name not in (m.name, *m.aliases):
+                        m.aliases = (*m.aliases, name)
+                    return m
+            taken = self._find(name) if name else None
+            if taken is not None:
+                raise InvalidRequestError(
+                    f"the name {name!r} already names model {taken.id} ({taken.path.name}); "
+                    "pick another name or unload that model first", param="name")
+        f = open_gguf(path)
+        cfg = ModelConfig.from_gguf(f)
+        check_tensors(f, cfg)
+        codec = load_codec(f, catalogue.cache_dir())
+        default_name = entry_cat.name if entry_cat else path.stem
+        aliases = tuple(a for a in ((entry_cat.aliases if entry_cat else ()) +
+                                    ((str(path),) if entry_cat is None else ())) if a)
+        key = mid if layout == self.default_layout else f"{mid}:{layout}"
+        entry = ModelEntry(id=key, name=name or default_name, path=path, layout=layout, file=f,
+                           cfg=cfg, codec=codec, aliases=aliases,
+                           layers=[None] * cfg.n_layers)
+        if name and entry_cat is not None:
+            entry.aliases = (*entry.aliases, entry_cat.name)
+        with self._lock:
+            self._models[entry.id] = entry
+        return entry
+
+    def _find(self, key: str) -> ModelEntry | None:
+        k = key.strip()
+        for m in self._models.values():
+            if k in (m.id, m.name, *m.aliases):
+                return m
+        cat = catalogue.find_entry(k)
+        if cat is not None:
+            for m in self._models.values():
+                if cat.name in (m.name, *m.aliases):
+                    return m
+        return None
+
+    def get(self, key: str) -> ModelEntry:
+        with self._lock:
+            m = self._find(key)
+        if m is None:
+            known = ", ".join(sorted(x.name for x in self._models.values())) or "none"
+            raise ModelNotFoundError(
+                f"no loaded model is called {key!r} (loaded: {known}); load it first with "
+                "load_model / `%realm load` / POST /v1/models/load", param="model")
+        return m
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._models.values())
+
+    def list(self) -> list[ModelInfo]:
+        """Registered models, then catalogue models not registered yet."""
+        out = [m.info() for m in self.entries()]
+        names = {i.name for i in out} | {a for i in out for a in i.aliases}
+        for e in catalogue.CATALOGUE:
+            if e.name in names:
+                continue
+            path = catalogue.cached_path(e)
+            out.append(ModelInfo(id=e.sha256[:16], name=e.name,
+                                 path=str(path) if catalogue.is_pulled(e) else None, arch=None,
+                                 quant=None, size_bytes=e.size_bytes, loaded=False,
+                                 aliases=e.aliases))
+        return out
+
+    # ------------------------------------------------------------------ residency
+
+    def load_layer(self, entry: ModelEntry, layer: int) -> int:
+        """Make one layer resident; returns its bytes."""
+        if not 0 <= layer < entry.n_layers:
+            raise InvalidRequestError(
+                f"layer {layer} does not exist; {entry.name} has layers 0..{entry.n_layers - 1}",
+                param="layer")
+        with entry.lock:
+            if entry.engine is not None or entry.layers[layer] is not None:
+                return 0
+            weights = load_layer(entry.file, entry.cfg, layer, entry.layout,
+                                 stack_types(entry.file, entry.cfg))
+            size = nbytes(weights)
+            self._make_room(size, keep=entry)
+            entry.layers[layer] = weights
+            entry.resident_bytes += size
+            return size
+
+    def ensure_resident(self, entry: ModelEntry, progress: ProgressFn | None = None) -> Engine:
+        """All layers resident and stacked into the engine (loading what is missing)."""
+        entry.last_used = time.monotonic()
+        if entry.engine is not None:
+            return entry.engine
+        with entry.lock:
+            if entry.engine is not None:
+                return entry.engine
+            for i in range(entry.n_layers):
+                self.load_layer(entry, i)
+                if progress is not None:
+                    progress(i + 1, entry.n_layers)
+            g = load_globals(entry.file, entry.cfg, entry.layout)
+            layers = [x for x in entry.layers if x is not None]
+            params = ModelWeights(embed=g["embed"], layers=stack_layers(layers), norm=g["norm"],
+                                  head=g["head"])
+            entry.layers = [None] * entry.n_layers  # the stacked copy replaces the per-layer ones
+            engine = Engine(entry.cfg, params, n_slots=self.n_slots,
+                            max_context=self.max_context)
+            total = nbytes(params) + engine.cache_bytes
+            self._make_room(total - entry.resident_bytes, keep=entry)
+            entry.engine = engine
+            entry.resident_bytes = total
+            return engine
+
+    def _make_room(self, needed: int, keep: ModelEntry) -> None:
+        if self.budget_bytes is None:
+            return
+        while self.resident_bytes() + needed > self.budget_bytes:
+            idle = [m for m in self.entries()
+                    if m is not keep and m.in_use == 0 and m.resident_bytes > 0]
+            if not idle:
+                raise MemoryBudgetError(
+                    f"loading {keep.name} needs {needed} more bytes but the store holds "
+                    f"{self.resident_bytes()} of its {self.budget_bytes}-byte budget, all in use; "
+                    "unload a model or raise the budget")
+            victim = min(idle, key=lambda m: m.last_used)
+            self.evict(victim)
+
+    def evict(self, entry: ModelEntry) -> None:
+        """Drop a model's resident weights (it stays registered and reloads on next use)."""
+        with entry.lock:
+            entry.engine = None
+            entry.layers = [None] * entry.n_layers
+            entry.resident_bytes = 0
+            self.evictions += 1
+
+    def unload(self, key: str) -> ModelEntry:
+        entry = self.get(key)
+        if entry.in_use:
+            raise InvalidRequestError(
+                f"model {entry.name} has {entry.in_use} request(s) running; cancel them or wait "
+                "before unloading", param="model")
+        self.evict(entry)
+        with self._lock:
+            self._models.pop(entry.id, None)
+        return entry
+
+    def resident_bytes(self) -> int:
+        return sum(m.resident_bytes for m in self.entries())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "models": [{"id": m.id, "name": m.name, "layout": m.layout,
+                        "resident_layers": m.n_resident_layers, "layers": m.n_layers,
+                        "resident_bytes": m.resident_bytes, "in_use": m.in_use}
+                       for m in self.entries()],
+            "resident_bytes": self.resident_bytes(),
+            "budget_bytes": self.budget_bytes,
+            "evictions": self.evictions,
+        }
+
+

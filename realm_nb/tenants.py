@@ -1,0 +1,511 @@
+"""Tenants: one WebAssembly guest per tenant, run in wasmtime under fuel, a deadline, a memory cap.
+
+The host side of the ABI in `realm_nb.abi`, with no model code: the runtime hands `Tenant.run` a
+request and a `TenantHost` (forward / emit / load_layer / log for that one request), and the guest
+drives the token loop through the ``realm_host`` imports.
+
+Process-wide, built once: one `wasmtime.Engine` (fuel and epoch interruption on), one store-
+independent `wasmtime.Linker` holding the four imports, and one compiled `GuestModule` per guest.
+Per tenant: one `wasmtime.Store` (memory limit, fuel, epoch deadline) and one instance, reused
+across requests and re-created after a trap.
+
+How an import finds its request: a guest runs in the thread that called `Tenant.run` (wasmtime
+calls imports back on the same thread, releasing the GIL while wasm runs), so `run` puts the
+request's `_Call` into a `threading.local` and the Linker's trampolines read it from there. That
+keeps the Linker store-independent (defined once) and costs one attribute lookup per crossing.
+
+Bounding a guest: before every entry into the guest and at every host call the store gets
+`fuel_per_call` units of fuel again (about one per wasm instruction) and a fresh epoch deadline of
+`deadline_s` seconds, counted by a clock thread that ticks the engine's epoch while any guest runs.
+Fuel (deterministic, also counted per tenant) stops an endless loop in about 50 ms; the deadline is
+a wall-clock backstop in case some instruction costs far more time than fuel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, cast
+
+import numpy as np
+import wasmtime
+
+from . import abi
+from .abi import ErrorCode
+from .errors import (
+    AbiVersionError,
+    ContextLengthError,
+    GuestTrap,
+    MemoryBudgetError,
+    ModelNotFoundError,
+    RealmError,
+)
+
+MiB = 1 << 20
+DEFAULT_MEMORY_LIMIT = 64 * MiB
+DEFAULT_FUEL_PER_CALL = 200_000_000  # ~50 ms of a tight loop; sampling 49,152 logits needs ~1M
+DEFAULT_DEADLINE_S = 1.0  # wall-clock time a guest may run between two host calls
+EPOCH_TICK_S = 0.005
+REBUILD_HINT = "rebuild the guest with `realm-nb build-guest`"
+
+
+class Cancelled(RealmError):
+    """The request was cancelled (client gone, Stop pressed); the guest sees CANCELLED."""
+
+    status_code = 499
+    code = "cancelled"
+
+
+class GuestError(RealmError):
+    """The guest ended a request with an ABI error code that no host exception explains."""
+
+    status_code = 500
+    code = "guest_error"
+
+    def __init__(self, message: str, abi_code: int, **details: Any) -> None:
+        super().__init__(message, abi_code=abi_code, **details)
+        self.abi_code = abi_code
+
+
+class TenantHost(Protocol):
+    """What the runtime provides for one request. Raise a `RealmError` to hand the guest an error
+    code (the same exception is re-raised from `Tenant.run`); any other exception traps the guest.
+    """
+
+    def forward(self, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens (int32 [T]) to the sequence; return the last position's logits f32 [V]."""
+        ...
+
+    def emit(self, token: int) -> int:
+        """Take one sampled token; 0 = go on, 1 = stop."""
+        ...
+
+    def load_layer(self, layer: int) -> None:
+        """Make layer `layer` of the current model resident."""
+        ...
+
+    def log(self, message: str) -> None:
+        """A message from the guest."""
+        ...
+
+
+def error_code_for(exc: RealmError, default: ErrorCode = ErrorCode.HOST_ERROR) -> int:
+    """The ABI error code the guest sees for a host-side `RealmError`."""
+    if isinstance(exc, ContextLengthError):
+        return ErrorCode.CONTEXT_FULL
+    if isinstance(exc, Cancelled):
+        return ErrorCode.CANCELLED
+    if isinstance(exc, ModelNotFoundError):
+        return ErrorCode.UNKNOWN_MODEL
+    if isinstance(exc, MemoryBudgetError):
+        return ErrorCode.OUT_OF_MEMORY
+    return default
+
+
+# --- the engine, its epoch clock and the linker (process-wide) -----------------------------------
+
+T = TypeVar("T")
+_init_lock = threading.RLock()
+
+
+def _once(fn: Callable[..., T]) -> Callable[..., T]:
+    """`functools.cache` with the first call serialised: two threads starting their first tenants
+    at the same moment must not build two Engines (one's Linker cannot link the other's Module).
+    """
+    cached = functools.cache(fn)
+
+    @functools.wraps(fn)
+    def once(*args: Any) -> T:
+        with _init_lock:
+            return cached(*args)
+
+    return once
+
+
+
+@_once
+def shared_engine() -> wasmtime.Engine:
+    """The one Engine of the process: fuel metering and epoch interruption on."""
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    config.epoch_interruption = True
+    return wasmtime.Engine(config)
+
+
+class _EpochClock:
+    """Ticks the engine's epoch every `EPOCH_TICK_S` while at least one guest runs."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._running = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def enter(self) -> None:
+        with self._cond:
+            self._running += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="realm-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running == 0:
+                    self._cond.wait()
+            time.sleep(EPOCH_TICK_S)
+            self._engine.increment_epoch()
+
+
+@_once
+def _epoch_clock() -> _EpochClock:
+    return _EpochClock(shared_engine())
+
+
+@dataclass
+class _Call:
+    """The request a thread is running: what the import trampolines need."""
+
+    tenant: Tenant
+    host: TenantHost
+    memory: wasmtime.Memory
+    vocab: int
+    host_error: RealmError | None = None  # first RealmError a callback raised
+    crash: tuple[str, BaseException] | None = None  # (import, exception) that trapped the guest
+    fuel_used: int = 0
+    emitted: int = 0
+
+
+_current = threading.local()
+
+
+def _i32(*names: str) -> wasmtime.FuncType:
+    return wasmtime.FuncType([wasmtime.ValType.i32() for _ in names], [wasmtime.ValType.i32()])
+
+
+def _u32(x: int) -> int:
+    return x & 0xFFFF_FFFF
+
+
+def _memory_bytes(call: _Call, caller: wasmtime.Caller) -> np.ndarray:
+    """A writable uint8 view of the guest's whole memory, valid until the guest runs again."""
+    size = call.memory.data_len(caller)
+    base = ctypes.addressof(call.memory.data_ptr(caller).contents)
+    return np.frombuffer(memoryview((ctypes.c_ubyte * size).from_address(base)), np.uint8)
+
+
+def _in_bounds(mem: np.ndarray, ptr: int, nbytes: int) -> bool:
+    return nbytes >= 0 and ptr + nbytes <= mem.size
+
+
+def _forward(call: _Call, caller: wasmtime.Caller, tokens_ptr: int, n: int, logits_ptr: int) -> int:
+    if n <= 0:
+        return ErrorCode.BAD_REQUEST
+    mem = _memory_bytes(call, caller)
+    tokens_ptr, logits_ptr = _u32(tokens_ptr), _u32(logits_ptr)
+    if not (_in_bounds(mem, tokens_ptr, 4 * n) and _in_bounds(mem, logits_ptr, 4 * call.vocab)):
+        return ErrorCode.BAD_POINTER
+    tokens = np.frombuffer(mem, "<i4", n, tokens_ptr).copy()
+    logits = call.host.forward(tokens)  # may block on the scheduler; the guest waits, fuel full
+    if logits.shape != (call.vocab,):
+        raise ValueError(f"forward gave logits of shape {logits.shape}; expected ({call.vocab},)")
+    mem = _memory_bytes(call, caller)
+    np.frombuffer(mem, "<f4", call.vocab, logits_ptr)[...] = logits
+    return call.vocab
+
+
+def _emit(call: _Call, caller: wasmtime.Caller, token: int) -> int:
+    answer = call.host.emit(token)
+    if answer not in (abi.EMIT_CONTINUE, abi.EMIT_STOP):
+        raise ValueError(f"emit returned {answer!r}; expected 0 (go on) or 1 (stop)")
+    call.emitted += 1
+    return int(answer)
+
+
+def _load_layer(call: _Call, caller: wasmtime.Caller, layer: int) -> int:
+    call.host.load_layer(layer)
+    return 0
+
+
+def _log(call: _Call, caller: wasmtime.Caller, ptr: int, length: int) -> int:
+    mem = _memory_bytes(call, caller)
+    ptr = _u32(ptr)
+    if not _in_bounds(mem, ptr, length):
+        return ErrorCode.BAD_POINTER
+    text = mem[ptr : ptr + min(length, abi.MAX_LOG_BYTES)].tobytes().decode("utf-8", "replace")
+    call.host.log(text)
+    return 0
+
+
+def _trampoline(
+    name: str, impl: Callable[..., int], default: ErrorCode
+) -> Callable[..., int]:
+    """Wrap an import: refuel, find the request, map RealmErrors to codes, let the rest trap."""
+
+    def trampoline(caller: wasmtime.Caller, *args: int) -> int:
+        call: _Call = _current.call  # AttributeError (a trap) if no request runs on this thread
+        try:
+            call.tenant._refuel(caller, call)
+            result = impl(call, caller, *args)
+            # Re-arm after the call too: a forward may block for seconds (model load, jit
+            # compile, a long prompt); that time is the host's, not the guest's.
+            call.tenant._arm(cast(wasmtime.Store, caller))
+            return result
+        except RealmError as exc:
+            if call.host_error is None:
+                call.host_error = exc
+            return error_code_for(exc, default)
+        except Exception as exc:
+            call.crash = (name, exc)
+            raise  # wasmtime turns it into a trap; Tenant.run reports it as GuestTrap
+
+    return trampoline
+
+
+@_once
+def shared_linker() -> wasmtime.Linker:
+    """The store-independent Linker with the four ``realm_host`` imports, defined once."""
+    linker = wasmtime.Linker(shared_engine())
+    imports: dict[str, tuple[Callable[..., int], ErrorCode]] = {
+        "forward": (_forward, ErrorCode.HOST_ERROR),
+        "emit": (_emit, ErrorCode.HOST_ERROR),
+        "memory64_load_layer": (_load_layer, ErrorCode.LAYER_ERROR),
+        "log": (_log, ErrorCode.HOST_ERROR),
+    }
+    for name, (impl, default) in imports.items():
+        params, _ = abi.IMPORTS[name]
+        linker.define_func(
+            abi.IMPORT_MODULE, name, _i32(*params), _trampoline(name, impl, default),
+            access_caller=True,
+        )
+    return linker
+
+
+# --- guest modules -------------------------------------------------------------------------------
+
+
+class GuestModule:
+    """A compiled guest: checked exports, imports resolved against the shared Linker."""
+
+    def __init__(self, wasm: bytes | str, *, name: str = "guest") -> None:
+        self.name = name
+        self.engine = shared_engine()
+        self.linker = shared_linker()
+        try:
+            self.module = wasmtime.Module(self.engine, wasm)
+            self.pre = self.linker.instantiate_pre(self.module)
+        except wasmtime.WasmtimeError as exc:
+            raise AbiVersionError(
+                f"{name} is not a realm-nb guest: {str(exc).splitlines()[0]}; {REBUILD_HINT}"
+            ) from exc
+        exports = {e.name: e.type for e in self.module.exports}
+        for export, (params, _) in abi.EXPORTS.items():
+            ty = exports.get(export)
+            if not isinstance(ty, wasmtime.FuncType) or len(ty.params) != len(params):
+                raise AbiVersionError(
+                    f"{name} does not export {export}({', '.join(params)}) -> i32; {REBUILD_HINT}"
+                )
+        if not isinstance(exports.get(abi.MEMORY_EXPORT), wasmtime.MemoryType):
+            raise AbiVersionError(f"{name} does not export its memory; {REBUILD_HINT}")
+
+    @classmethod
+    def from_wat(cls, text: str, *, name: str = "wat guest") -> GuestModule:
+        return cls(text, name=name)
+
+    @classmethod
+    def from_bytes(cls, wasm: bytes, *, name: str = "guest") -> GuestModule:
+        return cls(wasm, name=name)
+
+    @classmethod
+    @_once
+    def default(cls) -> GuestModule:
+        """The guest shipped with the package (realm_nb/realm_guest.wasm), compiled once."""
+        wasm = importlib.resources.files("realm_nb").joinpath("realm_guest.wasm").read_bytes()
+        return cls(wasm, name="realm_guest.wasm")
+
+    def check_version(self, found: int) -> None:
+        if found >> 16 != abi.ABI_VERSION_MAJOR:
+            raise AbiVersionError(
+                f"{self.name} speaks ABI {abi.version_string(found)}, this host speaks "
+                f"{abi.ABI_VERSION_MAJOR}.{abi.ABI_VERSION_MINOR}; {REBUILD_HINT}",
+                found=abi.version_string(found),
+                expected=f"{abi.ABI_VERSION_MAJOR}.{abi.ABI_VERSION_MINOR}",
+            )
+
+
+# --- tenants -------------------------------------------------------------------------------------
+
+State = Literal["idle", "running", "trapped"]
+
+
+class Tenant:
+    """One tenant's sandbox: a Store and a guest instance, reused across requests."""
+
+    def __init__(
+        self,
+        tenant_id: str,
+        module: GuestModule | None = None,
+        *,
+        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+        fuel_per_call: int = DEFAULT_FUEL_PER_CALL,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.module = module if module is not None else GuestModule.default()
+        self.memory_limit_bytes = memory_limit_bytes
+        self.fuel_per_call = fuel_per_call
+        self._deadline_ticks = max(1, round(deadline_s / EPOCH_TICK_S))
+        self._lock = threading.Lock()
+        self._state: State = "idle"
+        self._fuel_used = 0
+        self._tokens = 0
+        self._requests = 0
+        self._memory_bytes = 0
+        self._instantiate()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _instantiate(self) -> None:
+        """A fresh Store and instance (first use, or after a trap); checks the ABI version."""
+        store = wasmtime.Store(self.module.engine)
+        store.set_limits(memory_size=self.memory_limit_bytes)
+        self._store = store
+        self._arm(store)
+        try:
+            instance = self.module.pre.instantiate(store)
+            exports = instance.exports(store)
+            self._memory = cast(wasmtime.Memory, exports[abi.MEMORY_EXPORT])
+            self._alloc = cast(wasmtime.Func, exports["realm_alloc"])
+            self._generate = cast(wasmtime.Func, exports["realm_generate"])
+            self._arm(store)
+            version = cast(wasmtime.Func, exports["realm_abi_version"])(store)
+        except Exception as exc:
+            self._state = "trapped"
+            raise GuestTrap(
+                f"tenant {self.tenant_id!r}: the guest {self.module.name} failed to start: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                tenant=self.tenant_id,
+            ) from exc
+        self.module.check_version(version)
+        self._memory_bytes = self._memory.data_len(store)
+        self._state = "idle"
+
+    def _arm(self, store: wasmtime.Store) -> None:
+        wasmtime.Store.set_fuel(store, self.fuel_per_call)
+        wasmtime.Store.set_epoch_deadline(store, self._deadline_ticks)
+
+    def _refuel(self, caller: wasmtime.Caller, call: _Call) -> None:
+        """At each host call: count the fuel spent since the last refill and refill it.
+
+        A Caller works as a store here: Store's fuel and deadline methods only use `_context()`.
+        """
+        storelike = cast(wasmtime.Store, caller)
+        call.fuel_used += self.fuel_per_call - wasmtime.Store.get_fuel(storelike)
+        self._arm(storelike)
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def run(self, request: bytes, host: TenantHost) -> int:
+        """Run one request (see `realm_nb.abi`) in this thread; return the tokens emitted.
+
+        Raises the host's own `RealmError` if a callback raised one, `GuestError` if the guest
+        returned an error code on its own, `GuestTrap` (naming this tenant) if it trapped.
+        """
+        req = abi.unpack_request(request)
+        with self._lock:
+            if self._state == "trapped":
+                self._instantiate()
+            store = self._store
+            call = _Call(tenant=self, host=host, memory=self._memory, vocab=req.vocab_size)
+            self._state = "running"
+            self._requests += 1
+            clock = _epoch_clock()
+            clock.enter()
+            _current.call = call
+            try:
+                self._arm(store)
+                ptr = self._alloc(store, len(request))
+                call.fuel_used += self.fuel_per_call - store.get_fuel()
+                if ptr == 0:
+                    raise MemoryBudgetError(
+                        f"tenant {self.tenant_id!r}: the guest cannot hold a request of "
+                        f"{len(request)} bytes within its memory limit of "
+                        f"{self.memory_limit_bytes} bytes; raise memory_limit_bytes",
+                        tenant=self.tenant_id,
+                    )
+                self._memory.write(store, request, ptr)
+                self._arm(store)
+                result = self._generate(store, ptr, len(request))
+                call.fuel_used += self.fuel_per_call - store.get_fuel()
+            except RealmError:
+                self._state = "idle"
+                raise
+            except Exception as exc:
+                self._state = "trapped"
+                raise GuestTrap(self._trap_message(call, exc), tenant=self.tenant_id) from (
+                    call.crash[1] if call.crash else exc
+                )
+            finally:
+                del _current.call
+                clock.leave()
+                self._fuel_used += call.fuel_used
+                self._tokens += call.emitted
+                self._memory_bytes = self._memory.data_len(store)
+            self._state = "idle"
+        if call.host_error is not None:
+            raise call.host_error
+        if result < 0:
+            raise GuestError(
+                f"tenant {self.tenant_id!r}: the guest returned {abi.describe_code(result)}",
+                abi_code=result,
+                tenant=self.tenant_id,
+            )
+        return int(result)
+
+    def _trap_message(self, call: _Call, exc: BaseException) -> str:
+        who = f"tenant {self.tenant_id!r}"
+        if call.crash is not None:
+            name, err = call.crash
+            return (
+                f"{who}: host callback {name!r} raised {type(err).__name__}: {err}; the guest "
+                "was stopped and is re-created for the next request"
+            )
+        code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return (
+                f"{who}: the guest ran {self.fuel_per_call} instructions without a host call "
+                "(endless loop?) and was stopped"
+            )
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return (
+                f"{who}: the guest ran {self._deadline_ticks * EPOCH_TICK_S:.2f} s without a "
+                "host call and was stopped"
+            )
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{who}: the guest trapped: {first}"
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "id": self.tenant_id,
+            "state": self._state,
+            "fuel_used": self._fuel_used,
+            "memory_bytes": self._memory_bytes,
+            "tokens": self._tokens,
+            "requests": self._requests,
+        }
