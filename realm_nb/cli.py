@@ -1,0 +1,215 @@
+"""The `realm-nb` command line (also `python -m realm_nb`).
+
+One argparse parser, one `cmd_<verb>` function per sub-command. Commands that generate talk to a
+server when `--endpoint` (or REALM_ENDPOINT) is given, else run locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .catalogue import DEFAULT_MODEL
+from .errors import RealmError
+
+
+def _realm(args: argparse.Namespace) -> Any:
+    from .sdk import Realm
+
+    endpoint = getattr(args, "endpoint", None) or os.environ.get("REALM_ENDPOINT")
+    return Realm(mode="server" if endpoint else "local", default_model=args.model,
+                 endpoint=endpoint, api_key=getattr(args, "api_key", None),
+                 weights=getattr(args, "weights", None))
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    for key in ("top_k", "top_p", "min_p", "repeat_penalty", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    if getattr(args, "stop", None):
+        out["stop"] = args.stop
+    return out
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .catalogue import pull
+
+    path = pull(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    realm = _realm(args)
+    rows = [m.to_dict() for m in realm.models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':24} {'loaded':6} {'arch':8} {'quant':8} {'size':>10}  path")
+    for m in rows:
+        size = f"{m['size_bytes'] / 2**20:.1f} MiB" if m["size_bytes"] else "-"
+        print(f"{m['name']:24} {'yes' if m['loaded'] else 'no':6} {m['arch'] or '-':8} "
+              f"{m['quant'] or '-':8} {size:>10}  {m['path'] or '(not pulled)'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    realm = _realm(args)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    stream = realm.generate(prompt=prompt, stream=True, **_sampling(args))
+    t0 = time.perf_counter()
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    g = stream.result()
+    sys.stdout.write("\n")
+    print(f"[{g.model}] {g.usage['completion_tokens']} tokens, "
+          f"{g.timings.get('tokens_per_s', 0):.1f} tok/s, first token "
+          f"{g.timings.get('ttft_ms', 0):.0f} ms, finish: {g.finish_reason} "
+          f"({time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    realm = _realm(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("realm-nb chat: empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        stream = realm.chat(messages, stream=True, **_sampling(args))
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+        g = stream.result()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": g.text})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    realm = _realm(args)
+    realm.generate(prompt="warm up", max_tokens=4, temperature=0)
+    rows = []
+    for _ in range(args.repeat):
+        g = realm.generate(prompt=args.prompt, max_tokens=args.max_tokens, temperature=0)
+        rows.append(g.timings)
+    med = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
+    ttft = sorted(r["ttft_ms"] for r in rows)[len(rows) // 2]
+    print(f"decode {med:.1f} tok/s (median of {len(rows)}), first token {ttft:.0f} ms")
+    return 0
+
+
+def cmd_build_guest(args: argparse.Namespace) -> int:
+    from .guest_build import main as build_main
+
+    return build_main(["--check"] if args.check else [])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve_from_args
+
+    return serve_from_args(args)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("-t", "--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repeat-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=os.environ.get("REALM_MODEL", DEFAULT_MODEL),
+                   help="catalogue name, loaded model name, or .gguf path")
+    p.add_argument("--endpoint", help="talk to a realm-nb server at this URL")
+    p.add_argument("--api-key", default=os.environ.get("REALM_API_KEY"))
+    p.add_argument("--weights", choices=["exact", "fast"], help="weight layout (local mode)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realm-nb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a catalogue model into the cache")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("models", help="list catalogue and loaded models")
+    _add_target(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    p.add_argument("prompt", help="the prompt text, or - to read stdin")
+    _add_target(p)
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_target(p)
+    _add_sampling(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("bench", help="quick single-stream decode speed")
+    _add_target(p)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("-n", "--max-tokens", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("build-guest", help="rebuild the WebAssembly guest (needs the build extra)")
+    p.add_argument("--check", action="store_true", help="fail if it differs from the shipped one")
+    p.set_defaults(fn=cmd_build_guest)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model", action="append", dest="models", default=None,
+                   help="model to load at start (repeatable); default smollm2-135m")
+    p.add_argument("--api-keys", help="TOML file mapping API keys to tenants")
+    p.add_argument("--models-dir", action="append", default=None,
+                   help="folder whose .gguf files may be loaded over HTTP (repeatable)")
+    p.add_argument("--weights", choices=["exact", "fast"], default=None)
+    p.set_defaults(fn=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except RealmError as e:
+        print(f"realm-nb: error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
