@@ -131,6 +131,13 @@ class RateLimitError(RealmError):
     code = "rate_limit_exceeded"
 
 
+class RequestNotFoundError(RealmError):
+    """No running request of this tenant has that id (finished, or another tenant's)."""
+
+    status_code = 404
+    code = "request_not_found"
+
+
 class ServerConnectionError(RealmError):
     status_code = 503
     code = "server_unreachable"

@@ -130,6 +130,34 @@ def _prescan(path: Path, size: int) -> None:
                           "the header is corrupt")
 
 
+class _CheckedReader(GGUFReader):
+    """GGUFReader that names the tensor a truncated file cuts short; the plain reader fails
+    later with a bare reshape ValueError that names neither the tensor nor the cause."""
+
+    def __init__(self, path: Path) -> None:
+        self._checked_path = path
+        super().__init__(path, "r")
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        size = len(self.data)
+        for field in fields:
+            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+            qtype = int(raw_dtype[0])
+            if qtype not in GGML_QUANT_SIZES:  # unknown type: the reader's own error says so
+                continue
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
+            begin = int(start_offs) + int(offset_tensor[0])
+            if begin + n_bytes > size:
+                name = bytes(name_data).decode("utf-8", "replace")
+                shape = [int(d) for d in reversed(dims.tolist())]
+                raise _fail(self._checked_path,
+                            f"tensor {name!r} ({GGMLQuantizationType(qtype).name}, shape {shape}) "
+                            f"needs bytes {begin}..{begin + n_bytes}, past the end of the "
+                            f"{size}-byte file; the file is truncated (download it again)")
+        super()._build_tensors(start_offs, fields)
+
+
 def _field_value(field: Any) -> Any:
     types = field.types
     if types and types[0] == GGUFValueType.ARRAY:
@@ -145,7 +173,7 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     size = p.stat().st_size
     _prescan(p, size)
     try:
-        reader = GGUFReader(p, "r")
+        reader = _CheckedReader(p)
     except (ValueError, IndexError, KeyError, struct.error, OverflowError, MemoryError) as e:
         raise _fail(p, f"could not be parsed ({type(e).__name__}: {e}); the file is truncated "
                        "or corrupt") from None

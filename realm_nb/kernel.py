@@ -25,6 +25,7 @@ from .tokenizer import validate_messages
 from .types import FinishReason, Generation, ModelInfo, SamplingParams
 
 MAX_GUESTS_PER_TENANT = 32  # concurrent requests of one tenant, each in its own guest instance
+_POLL_S = 0.05  # consumers wait in slices of this, so Ctrl-C is seen while they wait
 
 
 class _Done:
@@ -70,7 +71,12 @@ class GenerationStream:
     def __iter__(self) -> Iterator[str]:
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    # Wait in slices: a blocking get() never sees Ctrl-C that is not a real
+                    # signal (`_thread.interrupt_main`, Windows) until the next piece comes.
+                    item = self._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
                 if isinstance(item, _Done):
                     if item.error is not None:
                         raise item.error
@@ -89,8 +95,12 @@ class GenerationStream:
     def result(self, timeout: float | None = None) -> Generation:
         """Wait for the end (Ctrl-C cancels and returns the partial generation)."""
         try:
-            if not self._finished.wait(timeout):
-                raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._finished.wait(_POLL_S if deadline is None else
+                                          max(0.0, min(_POLL_S, deadline - time.monotonic()))):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"request {self.request_id} still running after {timeout} s")
         except KeyboardInterrupt:
             self.cancel()
             self._finished.wait()

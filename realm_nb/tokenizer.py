@@ -85,11 +85,14 @@ def _build_spm(f: GGUFFile, tokens: list[str]) -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
                                unk_token=tokens[unk], fuse_unk=True, byte_fallback=True))
     steps = [normalizers.Replace(" ", "▁")]
-    if bool(f.get("tokenizer.ggml.add_space_prefix", True)):
+    add_space_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    if add_space_prefix:
         steps.insert(0, normalizers.Prepend("▁"))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    decode_steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:  # drop the space the normalizer prepended, as llama.cpp and HF do
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(decode_steps)
     return tok
 
 

@@ -1,0 +1,147 @@
+"""Engine benchmark: speed of both weight layouts, and how closely `fast` follows `exact`.
+
+    python benchmarks/bench_engine.py [--model smollm2-135m] [--decode 128] [--repeat 3]
+
+Prints, per layout: decode tok/s (single stream, host loop over the jitted decode_step), prefill
+tok/s for a 128-token prompt, time to first token after a 5-token prompt; then the `fast` layout's
+teacher-forced top-1 agreement with `exact` over a fixed text (>= 500 positions), its near-ties,
+and both perplexities. The reference speeds are llama.cpp's on this machine as recorded in
+../shared/FACTS.md (llama.cpp is not installed here, so they are quoted, not re-measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from realm_nb.engine import Engine
+from realm_nb.store import LayerStore
+
+# llama.cpp through llama-cpp-python, 2 threads, SmolLM2 Q4_1 (../shared/FACTS.md)
+REFERENCE = {"decode_tok_s": 149.0, "prefill_tok_s": 453.0, "ttft_ms": 17.0}
+
+# A fixed text for teacher forcing: plain prose on several topics (written for this benchmark).
+TEXT = """\
+The river rose slowly through the night, and by morning the lower fields were under water. The
+farmers had seen floods before, but this one came earlier in the year than anyone remembered.
+They moved the animals to the hill behind the church and carried sacks of grain into the loft of
+the old mill, where the floor was dry and the walls were thick. Children watched from the bridge
+as branches and broken fences drifted past. By noon the rain had stopped, and the sun came out
+over a valley that looked like a lake.
+
+In computing, a cache is a small, fast memory that keeps copies of data that a program is likely
+to need again soon. When the processor asks for a value, it first looks in the cache; if the value
+is there, the request is served quickly, and if it is not, the value is fetched from the slower
+main memory and stored in the cache for next time. Good programs arrange their data so that values
+used together sit close together in memory, which makes the cache far more effective.
+
+The recipe is simple. Mix two cups of flour with a spoon of sugar and a pinch of salt. Add one egg,
+a cup of milk and two spoons of melted butter, and stir until the batter is smooth. Heat a pan over
+medium heat, pour in a little batter, and cook until bubbles form on the top. Turn it over and cook
+the other side until golden. Serve warm with fruit, honey or a little more butter.
+
+Photosynthesis is the process by which green plants use light to turn water and carbon dioxide
+into sugar and oxygen. It takes place mostly in the leaves, inside small structures called
+chloroplasts, which contain the green pigment chlorophyll. The sugar feeds the plant and is stored
+as starch, while the oxygen is released into the air. Almost all life on Earth depends on this
+process, directly or indirectly, for food and for the oxygen we breathe.
+
+She opened the letter carefully, as if it might break. Inside was a single sheet of paper, folded
+twice, and a small photograph of a house by the sea. On the back of the photograph someone had
+written a date and three words: "We were happy." She sat down by the window and read the letter
+again, slowly this time, trying to hear the voice of the person who had written it so long ago.
+"""
+
+
+def make_store(model: str, layout: str) -> tuple[Engine, list[int]]:
+    store = LayerStore(n_slots=4, max_context=1024, layout=layout)
+    entry = store.register(model, layout=layout)
+    engine = store.ensure_resident(entry)
+    return engine, entry.codec.encode(TEXT)
+
+
+def timed_decode(engine: Engine, n: int) -> float:
+    logits = engine.prefill(0, [504, 3575, 282, 4649, 314], 0)
+    token, pos = int(np.argmax(logits)), 5
+    engine.decode_step([0], [token], [pos])  # compile outside the timing
+    t = time.perf_counter()
+    for i in range(n):
+        logits = engine.decode_step([0], [token], [pos + 1 + i])[0]
+        token = int(np.argmax(logits))
+    return n / (time.perf_counter() - t)
+
+
+def timed_prefill(engine: Engine, ids: list[int]) -> float:
+    engine.prefill(1, ids, 0)  # compile
+    t = time.perf_counter()
+    engine.prefill(1, ids, 0)
+    return len(ids) / (time.perf_counter() - t)
+
+
+def timed_ttft(engine: Engine) -> float:
+    prompt = [504, 3575, 282, 4649, 314]
+    engine.prefill(2, prompt, 0)
+    t = time.perf_counter()
+    logits = engine.prefill(2, prompt, 0)
+    int(np.argmax(logits))
+    return (time.perf_counter() - t) * 1000
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    rows = {}
+    logprobs = {}
+    ids: list[int] = []
+    for layout in ("exact", "fast"):
+        engine, ids = make_store(args.model, layout)
+        prompt128 = (ids * 2)[:128]
+        dec = statistics.median(timed_decode(engine, args.decode) for _ in range(args.repeat))
+        pre = statistics.median(timed_prefill(engine, prompt128) for _ in range(args.repeat))
+        ttft = statistics.median(timed_ttft(engine) for _ in range(args.repeat))
+        rows[layout] = {"decode_tok_s": dec, "prefill_tok_s": pre, "ttft_ms": ttft}
+        logprobs[layout] = log_softmax(engine.prefill(3, ids, 0, all_logits=True).astype(np.float64))
+        del engine
+
+    print(f"\nmodel {args.model}; single stream; medians of {args.repeat} runs")
+    print(f"{'layout':8} {'decode tok/s':>13} {'x llama.cpp':>12} {'prefill128 tok/s':>17} "
+          f"{'x llama.cpp':>12} {'TTFT ms':>8} {'x llama.cpp':>12}")
+    for layout, r in rows.items():
+        print(f"{layout:8} {r['decode_tok_s']:13.1f} {r['decode_tok_s'] / REFERENCE['decode_tok_s']:12.2f} "
+              f"{r['prefill_tok_s']:17.1f} {r['prefill_tok_s'] / REFERENCE['prefill_tok_s']:12.2f} "
+              f"{r['ttft_ms']:8.1f} {REFERENCE['ttft_ms'] / r['ttft_ms']:12.2f}")
+    print(f"{'llama.cpp':8} {REFERENCE['decode_tok_s']:13.1f} {'':12} {REFERENCE['prefill_tok_s']:17.1f}"
+          f" {'':12} {REFERENCE['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
+
+    exact, fast = logprobs["exact"], logprobs["fast"]
+    top_e, top_f = exact.argmax(-1), fast.argmax(-1)
+    n = len(top_e)
+    differ = np.nonzero(top_e != top_f)[0]
+    gaps = [float(exact[i, top_e[i]] - exact[i, top_f[i]]) for i in differ]
+    nxt = np.asarray(ids[1:])
+    ppl_e = float(np.exp(-exact[np.arange(n - 1), nxt].mean()))
+    ppl_f = float(np.exp(-fast[np.arange(n - 1), nxt].mean()))
+    agree = 1 - len(differ) / n
+    print(f"\nfast vs exact, teacher-forced over {n} positions of a fixed text:")
+    print(f"  top-1 agreement {agree * 100:.2f} % ({n - len(differ)}/{n}); disagreements "
+          f"{len(differ)}, largest gap under exact {max(gaps, default=0.0):.3f} logprob")
+    print(f"  perplexity exact {ppl_e:.3f}, fast {ppl_f:.3f} ({(ppl_f / ppl_e - 1) * 100:+.2f} %)")
+    ok = agree >= 0.98 and max(gaps, default=0.0) <= 0.3 and abs(ppl_f / ppl_e - 1) <= 0.01
+    print(f"  criterion for fast as default (>= 98 %, every gap <= 0.3, ppl within 1 %): "
+          f"{'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

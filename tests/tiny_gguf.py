@@ -1,0 +1,255 @@
+"""Tiny GGUF models written with `gguf.GGUFWriter`, for tests that need a whole model file.
+
+`write_tiny_llama` writes a 2-layer llama with random weights in several GGUF block formats and
+a gpt2-style byte-level BPE vocabulary (256 byte tokens, a few merges, control tokens). It returns
+the float weights as `gguf.quants.dequantize` expands them: the reference a numpy forward uses.
+`write_tiny_spm` writes the same model with a SentencePiece (`llama`) vocabulary instead.
+
+Shapes are numpy order (rows first), as `gguf_io.TensorInfo.shape`; GGUF stores them reversed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import gguf.quants
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+# --- hyper-parameters ------------------------------------------------------------------------
+
+N_LAYERS = 2  # L
+D_MODEL = 64  # D
+N_HEADS = 4  # H
+N_KV_HEADS = 2  # G
+HEAD_DIM = 16  # K
+D_FF = 96  # F
+CONTEXT = 1024
+ROPE_BASE = 10000.0
+RMS_EPS = 1e-5
+
+# Per-layer tensor → its GGUF type in layer 0 and layer 1. ffn_up differs between layers, which
+# makes the `exact` layout expand it to f32 so that the layers still stack.
+LAYER_TYPES: dict[str, tuple[QT, QT]] = {
+    "attn_q": (QT.Q8_0, QT.Q8_0),
+    "attn_k": (QT.Q4_0, QT.Q4_0),
+    "attn_v": (QT.Q4_1, QT.Q4_1),
+    "attn_output": (QT.Q5_0, QT.Q5_0),
+    "ffn_gate": (QT.Q5_1, QT.Q5_1),
+    "ffn_up": (QT.Q8_0, QT.Q4_1),
+    "ffn_down": (QT.F16, QT.F16),
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
+
+
+def layer_shapes() -> dict[str, tuple[int, int] | tuple[int]]:
+    q, kv = N_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM
+    return {"attn_norm": (D_MODEL,), "attn_q": (q, D_MODEL), "attn_k": (kv, D_MODEL),
+            "attn_v": (kv, D_MODEL), "attn_output": (D_MODEL, q), "ffn_norm": (D_MODEL,),
+            "ffn_gate": (D_FF, D_MODEL), "ffn_up": (D_FF, D_MODEL), "ffn_down": (D_MODEL, D_FF)}
+
+
+# --- vocabularies ----------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map (the ByteLevel alphabet)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+# Each merge joins two tokens that exist already (a byte character or an earlier merge).
+GPT2_MERGES = (
+    "h e", "l l", "Ġ t", "Ġt he", "i n", "e r", "o n", "Ġ a", "r e", "a t", "e n", "o r",
+    "Ġ w", "Ġ s", "Ġ o", "he ll", "hell o", "Ġ hello", "l d", "Ġw or", "Ġwor ld",
+    "Ġ c", "a n", "Ġ f", "Ġf o", "Ġfo x", "Ġ d", "Ġd o", "Ġdo g", "i s", "Ġ is", "Ġa n",
+    "Ġan d", "Ġ 1",
+)
+CONTROL_TOKENS = ("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    scores: list[float] | None
+    bos_id: int
+    eos_id: int
+    model: str  # tokenizer.ggml.model
+
+
+def gpt2_vocab() -> Vocab:
+    """256 byte tokens in GPT-2 order, one token per merge, then the control tokens."""
+    tokens = list(bytes_to_unicode().values())
+    merges: list[str] = []
+    for m in GPT2_MERGES:
+        a, b = m.split(" ")
+        assert a in tokens and b in tokens, m
+        if a + b not in tokens:
+            tokens.append(a + b)
+            merges.append(m)
+    types = [TOKEN_NORMAL] * len(tokens) + [TOKEN_CONTROL] * len(CONTROL_TOKENS)
+    tokens += CONTROL_TOKENS
+    return Vocab(tokens, types, merges, None, tokens.index("<|bos|>"), tokens.index("<|eos|>"),
+                 "gpt2")
+
+
+SPM_PIECES = ("▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "lo", "▁he", "hel",
+              "▁hel", "llo", "▁hello", "or", "▁w", "▁wor", "ld", "▁world", "a", "t", "▁t", "at")
+
+
+def spm_vocab() -> Vocab:
+    """SentencePiece vocabulary: <unk> <s> </s>, 256 <0xNN> byte tokens, scored pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256
+    for i, piece in enumerate(SPM_PIECES):
+        tokens.append(piece)
+        types.append(TOKEN_NORMAL)
+        scores.append(-float(i))  # earlier pieces merge first
+    return Vocab(tokens, types, [], scores, 1, 2, "llama")
+
+
+# --- the model file --------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    vocab: Vocab
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # float32, as dequantized
+    types: dict[str, QT] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab.tokens)
+
+    @property
+    def tied(self) -> bool:
+        return "output.weight" not in self.weights
+
+
+def _tensor_plan(vocab_size: int, tied: bool, rng: np.random.Generator,
+                 ) -> dict[str, tuple[np.ndarray, QT]]:
+    plan: dict[str, tuple[np.ndarray, QT]] = {}
+    shapes = layer_shapes()
+    for layer in range(N_LAYERS):
+        for short, shape in shapes.items():
+            name = f"blk.{layer}.{short}.weight"
+            if short.endswith("_norm"):
+                plan[name] = ((1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32),
+                              QT.F32)
+            else:
+                std = 1.5 / np.sqrt(shape[-1])  # fan-in
+                plan[name] = ((std * rng.standard_normal(shape)).astype(np.float32),
+                              LAYER_TYPES[short][layer])
+    plan["token_embd.weight"] = (rng.standard_normal((vocab_size, D_MODEL)).astype(np.float32),
+                                 QT.Q8_0)
+    plan["output_norm.weight"] = ((1.0 + 0.1 * rng.standard_normal(D_MODEL)).astype(np.float32),
+                                  QT.F32)
+    if not tied:
+        plan["output.weight"] = (rng.standard_normal((vocab_size, D_MODEL)).astype(np.float32),
+                                 QT.Q4_0)
+    return plan
+
+
+def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch: str = "llama",
+                     vocab: Vocab | None = None, omit: Iterable[str] = (),
+                     replace: Mapping[str, tuple[np.ndarray, QT]] | None = None,
+                     metadata: Mapping[str, Any] | None = None,
+                     chat_template: str | None = CHATML_TEMPLATE,
+                     add_bos: bool | None = False) -> TinyModel:
+    """Write a tiny llama GGUF file; return its path, vocabulary and dequantized float weights.
+
+    Args:
+      omit: tensor names not to write (a damaged file for error tests).
+      replace: name → (array, type) written instead of the planned tensor; a uint8 array is
+        written as raw block bytes [rows, row_bytes] of that type (no quantization).
+      metadata: extra or overriding llama.* keys, as {key without the arch prefix: uint32}.
+      add_bos: tokenizer.ggml.add_bos_token, or None to leave the key out (the kind's default).
+    """
+    path = Path(path)
+    vocab = vocab or gpt2_vocab()
+    rng = np.random.default_rng(seed)
+    plan = _tensor_plan(len(vocab.tokens), tied, rng)
+    plan.update(replace or {})
+    for name in omit:
+        plan.pop(name)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-llama")
+    w.add_block_count(N_LAYERS)
+    w.add_context_length(CONTEXT)
+    w.add_embedding_length(D_MODEL)
+    w.add_feed_forward_length(D_FF)
+    w.add_head_count(N_HEADS)
+    w.add_head_count_kv(N_KV_HEADS)
+    w.add_rope_freq_base(ROPE_BASE)
+    w.add_layer_norm_rms_eps(RMS_EPS)
+    for key, value in (metadata or {}).items():
+        w.add_uint32(f"{arch}.{key}", int(value))
+    w.add_tokenizer_model(vocab.model)
+    if vocab.model == "gpt2":
+        w.add_tokenizer_pre("default")
+        w.add_token_merges(vocab.merges)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+        w.add_unk_token_id(0)
+        w.add_add_space_prefix(True)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    model = TinyModel(path, vocab)
+    for name, (data, qtype) in plan.items():
+        model.types[name] = qtype
+        if data.dtype == np.uint8:  # raw block bytes, written as they are
+            w.add_tensor(name, data, raw_dtype=qtype)
+            continue
+        if qtype == QT.F32:
+            stored = data.astype(np.float32)
+            w.add_tensor(name, stored)
+        elif qtype == QT.F16:
+            stored = data.astype(np.float16)
+            w.add_tensor(name, stored)
+        else:
+            stored = gguf.quants.quantize(data, qtype)
+            w.add_tensor(name, stored, raw_dtype=qtype)
+        model.weights[name] = np.asarray(
+            gguf.quants.dequantize(stored, qtype), np.float32).reshape(data.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def write_tiny_spm(path: str | Path, *, seed: int = 0) -> TinyModel:
+    """The tiny llama with a SentencePiece (`llama`) vocabulary with byte fallback."""
+    return write_tiny_llama(path, seed=seed, vocab=spm_vocab(), chat_template=None, add_bos=None)
