@@ -1,0 +1,133 @@
+"""`RealmPanel` from Python: traits, the worker thread, Stop, and the {id, action} protocol.
+
+The browser side is in test_browser.py; here the front end's messages are sent to `_on_msg`
+directly and the replies caught from `send`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from realm_nb.widget import STATIC, RealmPanel
+
+
+@pytest.fixture()
+def panel(kernel):
+    p = RealmPanel()
+    p.sent = []
+    p.send = lambda content, buffers=None: p.sent.append(content)  # what the page would get
+    yield p
+    p.stop()
+    p.wait(30)
+    p.close()
+
+
+def front_end(panel: RealmPanel, **content):
+    """Send one front-end request and return the reply with its id."""
+    panel._on_msg(panel, content, [])
+    replies = [m for m in panel.sent if m.get("id") == content.get("id")]
+    return replies[-1] if replies else None
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_esm_and_css_are_real_files():
+    assert RealmPanel._esm == STATIC / "panel.js" and (STATIC / "panel.js").is_file()
+    assert RealmPanel._css == STATIC / "panel.css" and (STATIC / "panel.css").is_file()
+    js = (STATIC / "panel.js").read_text()
+    for trait in ("models", "model", "prompt", "temperature", "max_tokens", "top_p", "seed",
+                  "text", "status", "tokens", "tok_s", "error", "running"):
+        assert trait in js, f"the ESM does not show {trait}"
+        assert RealmPanel.class_traits()[trait].metadata.get("sync"), trait
+
+
+def test_picker_lists_the_registry_with_aliases(panel):
+    names = [m["name"] for m in panel.models]
+    assert "smollm2-135m" in names and "smollm2" in names
+    assert panel.model == "smollm2-135m"
+
+
+def test_generate_streams_from_a_worker_thread_and_matches_the_sdk(panel):
+    from realm_nb import Realm
+
+    seen = []
+    panel.observe(lambda change: seen.append(change["new"]), "text")
+    panel.generate("Once upon a time, a cat named Tom", max_tokens=24, temperature=0.7, seed=9)
+    assert panel.running
+    g = panel.wait(120)
+    assert g is not None and panel.status == "done" and not panel.running
+    sdk = Realm(mode="local").generate("Once upon a time, a cat named Tom", max_tokens=24,
+                                       temperature=0.7, seed=9, top_p=0.95)
+    assert panel.text == g.text == sdk.text
+    assert panel.tokens == 24 and panel.tok_s > 0
+    assert len(seen) >= 2, "the text should arrive in several updates"
+
+
+def test_stop_halts_a_running_generation_and_keeps_the_text(panel):
+    panel.generate("Count from one to one thousand: one, two, three,", max_tokens=1500,
+                   temperature=0)
+    assert wait_for(lambda: panel.tokens >= 3)
+    reply = front_end(panel, id="s1", action="stop")
+    assert reply == {"id": "s1", "ok": True}
+    g = panel.wait(60)
+    assert g is not None and g.finish_reason == "cancelled"
+    assert panel.status == "stopped" and not panel.running
+    assert 0 < panel.tokens < 1500 and panel.text == g.text
+
+
+def test_every_front_end_request_gets_a_reply(panel):
+    assert front_end(panel, id=1, action="refresh") == {"id": 1, "ok": True}
+    bad = front_end(panel, id=2, action="explode")
+    assert bad["ok"] is False and "unknown action" in bad["error"]
+    empty = front_end(panel, id=3, action="load", path="  ")
+    assert empty["ok"] is False and empty["error"]
+    panel.prompt = ""
+    nothing = front_end(panel, id=4, action="generate")
+    assert nothing["ok"] is False and "prompt" in nothing["error"]
+    assert panel.error == nothing["error"], "errors are shown in the panel"
+    assert front_end(panel, id=5, action="stop") == {"id": 5, "ok": True}
+
+
+def test_generate_while_running_is_refused_with_a_reply(panel):
+    panel.max_tokens = 1500
+    ok = front_end(panel, id="g1", action="generate", prompt="Count: one, two, three,")
+    assert ok == {"id": "g1", "ok": True}
+    again = front_end(panel, id="g2", action="generate")
+    assert again["ok"] is False and "already running" in again["error"]
+    panel.stop()
+    panel.wait(60)
+
+
+def test_load_replies_when_the_model_is_loaded(panel, smollm2_path):
+    panel._on_msg(panel, {"id": "l1", "action": "load", "path": str(smollm2_path),
+                          "name": "panel-smol"}, [])
+    assert wait_for(lambda: any(m.get("id") == "l1" for m in panel.sent), 120)
+    assert front_end(panel, id="x", action="refresh")["ok"]
+    assert next(m for m in panel.sent if m.get("id") == "l1") == {"id": "l1", "ok": True}
+    assert panel.model == "panel-smol"
+    assert "panel-smol" in [m["name"] for m in panel.models]
+
+
+def test_a_bad_model_shows_the_error_in_the_panel(panel):
+    panel.model = "no-such-model"
+    panel.generate("Hello", max_tokens=2)
+    panel.wait(60)
+    assert panel.status == "error" and "no-such-model" in panel.error and not panel.running
+
+
+def test_bad_parameters_are_refused_before_starting(panel):
+    reply = front_end(panel, id=7, action="generate", prompt="Hi")
+    assert reply["ok"]
+    panel.wait(60)
+    panel.top_p = 3.0
+    reply = front_end(panel, id=8, action="generate", prompt="Hi")
+    assert reply["ok"] is False and "top_p" in reply["error"] and not panel.running
