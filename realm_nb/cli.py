@@ -27,6 +27,23 @@ def _realm(args: argparse.Namespace) -> Any:
                  weights=getattr(args, "weights", None))
 
 
+def _preload(realm: Any, args: argparse.Namespace) -> None:
+    """Local mode: make the model resident now, with a progress bar, before any prompt."""
+    if realm.mode != "local":
+        return
+    from tqdm import tqdm
+
+    from .kernel import RealmKernel
+
+    kernel = RealmKernel.shared()
+    entry = kernel.model(args.model, getattr(args, "weights", None))
+    if entry.engine is not None:
+        return
+    with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer", leave=False,
+              file=sys.stderr) as bar:
+        kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     for key in ("top_k", "top_p", "min_p", "repeat_penalty", "seed"):
@@ -62,6 +79,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     realm = _realm(args)
+    _preload(realm, args)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     stream = realm.generate(prompt=prompt, stream=True, **_sampling(args))
     t0 = time.perf_counter()
@@ -79,6 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     realm = _realm(args)
+    _preload(realm, args)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -106,10 +125,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     realm = _realm(args)
+    _preload(realm, args)
     realm.generate(prompt="warm up", max_tokens=4, temperature=0)
     rows = []
-    for _ in range(args.repeat):
+    for _ in tqdm(range(args.repeat), desc="bench", unit="run", leave=False, file=sys.stderr):
         g = realm.generate(prompt=args.prompt, max_tokens=args.max_tokens, temperature=0)
         rows.append(g.timings)
     med = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]

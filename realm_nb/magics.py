@@ -386,7 +386,9 @@ class RealmMagics(Magics):
         return RealmPanel(realm=self.client, model=self.default_model)
 
     def handle_generate(self, args: argparse.Namespace, cell: str) -> None:
-        prompt = cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)
+        shell = self.shell
+        assert shell is not None, "the magics are registered with a shell"
+        prompt = cell if args.no_interpolate else interpolate(cell, shell.user_ns)
         prompt = prompt.strip("\n")
         if not prompt.strip():
             raise UsageError("%%realm generate: the cell is empty; write the prompt below the "
@@ -402,7 +404,7 @@ class RealmMagics(Magics):
                                     stream=True, **sampling)
             else:
                 stream = realm.generate(prompt, model=model, stream=True, **sampling)
-        cell_out = _LiveCell(self.shell, args.format)
+        cell_out = _LiveCell(shell, args.format)
         try:
             with _user_errors():
                 if not args.no_stream:
@@ -414,9 +416,9 @@ class RealmMagics(Magics):
             g = stream.result()
         cell_out.finish(g.text, output_metadata(g, realm.mode))
         if args.output:
-            self.shell.user_ns[args.output] = g
+            shell.user_ns[args.output] = g
         if args.format == "code" and g.text.strip():
-            self.shell.set_next_input(code_of(g.text), replace=False)
+            shell.set_next_input(code_of(g.text), replace=False)
 
     def _sampling(self, args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -177,6 +176,3 @@ def error_response(e: RealmError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(retry)))
     return JSONResponse(e.to_payload(), status_code=e.status_code, headers=headers)
 
-
-def tenant_of(scope_state: dict[str, Any]) -> str:
-    return str(scope_state.get("tenant", DEFAULT_TENANT))

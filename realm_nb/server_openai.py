@@ -102,7 +102,7 @@ class CompletionRequest(_SamplingFields):
                 raise InvalidRequestError(
                     f"prompt holds {len(p)} prompts; realm-nb completes one prompt per request",
                     param="prompt")
-            return p[0]  # type: ignore[return-value]
+            return p[0]
         return p  # type: ignore[return-value]
 
 

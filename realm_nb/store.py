@@ -190,8 +190,9 @@ class LayerStore:
         """Registered models, then catalogue models not registered yet."""
         out = [m.info() for m in self.entries()]
         names = {i.name for i in out} | {a for i in out for a in i.aliases}
+        ids = {i.id for i in out}  # a catalogue file registered by path is listed once
         for e in catalogue.CATALOGUE:
-            if e.name in names:
+            if e.name in names or e.sha256[:16] in ids:
                 continue
             path = catalogue.cached_path(e)
             out.append(ModelInfo(id=e.sha256[:16], name=e.name,

@@ -32,7 +32,7 @@ def test_logprobs_score_each_generated_token(kernel: RealmKernel) -> None:
     g = realm().generate(PROMPT, max_tokens=4, temperature=0, logprobs=K)
     assert isinstance(g, Generation) and g.logprobs is not None
     assert len(g.logprobs) == len(g.token_ids) == 4
-    for entry, tok in zip(g.logprobs, g.token_ids):
+    for entry, tok in zip(g.logprobs, g.token_ids, strict=True):
         assert entry.token_id == tok
         _check_entry_top(entry.logprob, tok, entry.top)
         assert entry.top[0].token_id == tok  # greedy picks the likeliest
@@ -47,8 +47,8 @@ def test_echo_scores_the_prompt_but_not_its_first_token(kernel: RealmKernel) -> 
         _check_entry_top(entry.logprob, entry.token_id, entry.top)
     # the same generated tokens score the same with and without echo
     plain = realm().generate(PROMPT, max_tokens=3, temperature=0, logprobs=K)
-    assert plain.logprobs is not None
-    for a, b in zip(g.logprobs[len(PROMPT) - 1:], plain.logprobs):
+    assert isinstance(plain, Generation) and plain.logprobs is not None
+    for a, b in zip(g.logprobs[len(PROMPT) - 1:], plain.logprobs, strict=True):
         assert a.token_id == b.token_id and math.isclose(a.logprob, b.logprob, abs_tol=1e-3)
 
 

@@ -126,10 +126,12 @@ def test_cancel_keeps_partial_text_in_both_modes(local: Realm, remote: Realm) ->
         assert g.text.startswith(first) and len(g.token_ids) < 1500
 
 
-def test_realm_cancel_and_stats(remote: Realm) -> None:
+def test_realm_cancel_and_stats(server, remote: Realm) -> None:
     s = remote.generate("Once upon a time", stream=True, max_tokens=1500, temperature=0)
-    next(iter(s))  # type: ignore[call-overload]
-    assert remote.cancel() >= 1
+    pieces = iter(s)  # type: ignore[call-overload]  # kept: a dropped iterator cancels
+    next(pieces)
+    other = Realm(mode="server", endpoint=server.url)  # same tenant, does not hold the stream
+    assert other.cancel() == 1
     assert s.result().finish_reason == "cancelled"  # type: ignore[union-attr]
     stats = remote.stats()
     assert {"tenants", "store", "running"} <= set(stats)

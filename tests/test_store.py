@@ -1,4 +1,4 @@
-"""The Memory64 layer store on the real model file: lazy residency, budget and eviction, registry."""
+"""The Memory64 layer store on the real model file: lazy residency, budget, eviction, registry."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import pytest
 from realm_nb.errors import MemoryBudgetError, ModelNotFoundError
 from realm_nb.store import LayerStore
 
-SMALL = {"n_slots": 1, "max_context": 128}  # keep the KV cache small
+
+def small_store(budget_bytes: int | None = None) -> LayerStore:
+    """A store whose engines keep a small KV cache (1 slot, 128 positions)."""
+    return LayerStore(budget_bytes=budget_bytes, n_slots=1, max_context=128)
 
 
 @pytest.fixture(scope="module")
 def sizes(smollm2_path: Path) -> dict[str, int]:
     """Resident bytes of the whole model in each layout (measured in a store without budget)."""
-    store = LayerStore(**SMALL)
+    store = small_store()
     out = {}
     for layout in ("exact", "fast"):
         entry = store.register(smollm2_path, layout=layout)
@@ -26,7 +29,7 @@ def sizes(smollm2_path: Path) -> dict[str, int]:
 
 
 def test_register_loads_no_weights(smollm2_path: Path) -> None:
-    store = LayerStore(**SMALL)
+    store = small_store()
     entry = store.register(smollm2_path)
     assert entry.resident_bytes == 0 and entry.n_resident_layers == 0
     assert not entry.loaded and store.resident_bytes() == 0
@@ -34,7 +37,7 @@ def test_register_loads_no_weights(smollm2_path: Path) -> None:
 
 
 def test_load_layer_then_ensure_resident(smollm2_path: Path) -> None:
-    store = LayerStore(**SMALL)
+    store = small_store()
     entry = store.register(smollm2_path)
     size = store.load_layer(entry, 3)
     assert size > 0
@@ -54,7 +57,7 @@ def test_budget_evicts_the_idle_model_and_refuses_when_in_use(
         smollm2_path: Path, sizes: dict[str, int]) -> None:
     budget = max(sizes.values()) + (1 << 20)
     assert budget < sum(sizes.values())
-    store = LayerStore(budget_bytes=budget, **SMALL)
+    store = small_store(budget)
     exact = store.register(smollm2_path, layout="exact")
     fast = store.register(smollm2_path, layout="fast")
     assert exact is not fast and exact.id != fast.id
@@ -75,7 +78,7 @@ def test_budget_evicts_the_idle_model_and_refuses_when_in_use(
 
 
 def test_unload_removes_it_from_the_list(smollm2_path: Path) -> None:
-    store = LayerStore(**SMALL)
+    store = small_store()
     entry = store.register(smollm2_path, layout="exact")
     assert entry.id in {m.id for m in store.list()}
     store.load_layer(entry, 0)
@@ -88,7 +91,7 @@ def test_unload_removes_it_from_the_list(smollm2_path: Path) -> None:
 
 
 def test_unknown_name_names_the_loaded_models(smollm2_path: Path) -> None:
-    store = LayerStore(**SMALL)
+    store = small_store()
     store.register("smollm2-135m")
     with pytest.raises(ModelNotFoundError, match="no-such-model") as info:
         store.get("no-such-model")
@@ -97,11 +100,12 @@ def test_unknown_name_names_the_loaded_models(smollm2_path: Path) -> None:
 
 
 def test_reregistering_returns_the_same_entry(smollm2_path: Path) -> None:
-    store = LayerStore(**SMALL)
+    store = small_store()
     a = store.register(smollm2_path)
     b = store.register(str(smollm2_path), name="my-smol")
     c = store.register("smollm2-135m")
     assert a is b and len(store.entries()) == 1
     assert "my-smol" in a.aliases and store.get("my-smol") is a
     assert c is a  # a catalogue name for the same file: same content-hash id
+    assert [m.loaded for m in store.list() if m.id == a.id] == [False]  # listed once
     assert len(a.id) == 16 and all(ch in "0123456789abcdef" for ch in a.id)

@@ -19,11 +19,19 @@ from realm_nb.types import Generation, SamplingParams
 
 MODEL = "smollm2-135m"
 N_NEW = 24
-STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28]  # "Once upon a time, in a small village,"
+# "Once upon a time, in a small village,"
+STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28]
 
 
 def realm(tenant: str = "default") -> Realm:
     return Realm(mode="local", default_model=MODEL, tenant=tenant)
+
+
+def gen(r: Realm, prompt: str | list[int], **kwargs: Any) -> Generation:
+    """A finished (non-streamed) generation."""
+    g = r.generate(prompt=prompt, **kwargs)
+    assert isinstance(g, Generation)
+    return g
 
 
 def assert_idle(kernel: RealmKernel) -> None:
@@ -57,8 +65,7 @@ def vm_rss_bytes() -> int:
 def test_guest_greedy_equals_host_loop(kernel: RealmKernel, llamacpp_refs: dict) -> None:
     r = realm()
     for case in llamacpp_refs["cases"]:
-        g = r.generate(prompt=case["prompt_ids"], max_tokens=N_NEW, temperature=0)
-        assert isinstance(g, Generation)
+        g = gen(r, case["prompt_ids"], max_tokens=N_NEW, temperature=0)
         expected = host_greedy(kernel, case["prompt_ids"], N_NEW)
         assert g.token_ids == expected[: len(g.token_ids)], case["prompt"]
         # the host loop stops only at max tokens, the guest also at end-of-generation
@@ -67,9 +74,9 @@ def test_guest_greedy_equals_host_loop(kernel: RealmKernel, llamacpp_refs: dict)
 
 def test_same_seed_same_text_other_seed_other_text(kernel: RealmKernel) -> None:
     r = realm()
-    a = r.generate(prompt=STORY, max_tokens=N_NEW, temperature=1.0, seed=11)
-    b = r.generate(prompt=STORY, max_tokens=N_NEW, temperature=1.0, seed=11)
-    c = r.generate(prompt=STORY, max_tokens=N_NEW, temperature=1.0, seed=12)
+    a = gen(r, STORY, max_tokens=N_NEW, temperature=1.0, seed=11)
+    b = gen(r, STORY, max_tokens=N_NEW, temperature=1.0, seed=11)
+    c = gen(r, STORY, max_tokens=N_NEW, temperature=1.0, seed=12)
     assert a.token_ids == b.token_ids and a.text == b.text
     assert a.text != c.text
     assert a.params is not None and a.params.seed == 11
@@ -78,9 +85,10 @@ def test_same_seed_same_text_other_seed_other_text(kernel: RealmKernel) -> None:
 def test_stop_string_cuts_text(kernel: RealmKernel) -> None:
     r = realm()
     prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is" -> " Paris.\n\nThe ..."
-    full = r.generate(prompt=prompt, max_tokens=N_NEW, temperature=0)
+    full = gen(r, prompt, max_tokens=N_NEW, temperature=0)
     assert "\n" in full.text
     s = r.generate(prompt=prompt, max_tokens=N_NEW, temperature=0, stop="\n", stream=True)
+    assert isinstance(s, GenerationStream)
     pieces = list(s)
     g = s.result()
     assert g.finish_reason == "stop"
@@ -90,13 +98,13 @@ def test_stop_string_cuts_text(kernel: RealmKernel) -> None:
 
 
 def test_max_tokens_finishes_with_length(kernel: RealmKernel) -> None:
-    g = realm().generate(prompt=STORY, max_tokens=7, temperature=0)
+    g = gen(realm(), STORY, max_tokens=7, temperature=0)
     assert g.finish_reason == "length"
     assert len(g.token_ids) == 7
     assert g.usage["completion_tokens"] == 7
 
 
-# ------------------------------------------------------------------ many tenants, one copy of weights
+# ------------------------------------------------------------------ many tenants, one weight copy
 
 
 PROMPTS = [
@@ -114,8 +122,8 @@ PROMPTS = [
 def test_eight_tenants_at_once_get_what_they_get_alone(kernel: RealmKernel) -> None:
     n = 16
     tenants = [realm(f"t{i}") for i in range(8)]
-    alone = [t.generate(prompt=p, max_tokens=n, temperature=0).token_ids
-             for t, p in zip(tenants, PROMPTS)]
+    alone = [gen(t, p, max_tokens=n, temperature=0).token_ids
+             for t, p in zip(tenants, PROMPTS, strict=True)]
     assert len({tuple(a) for a in alone}) == 8  # different prompts, different outputs
 
     together: list[list[int] | None] = [None] * 8
@@ -125,8 +133,7 @@ def test_eight_tenants_at_once_get_what_they_get_alone(kernel: RealmKernel) -> N
     def run(i: int) -> None:
         try:
             barrier.wait()
-            together[i] = tenants[i].generate(prompt=PROMPTS[i], max_tokens=n,
-                                              temperature=0).token_ids
+            together[i] = gen(tenants[i], PROMPTS[i], max_tokens=n, temperature=0).token_ids
         except BaseException as e:
             errors.append(e)
 
@@ -188,7 +195,7 @@ def _check_cancelled(kernel: RealmKernel, g: Generation, pieces: list[str]) -> N
     assert g.text and g.text.startswith("".join(pieces))
     assert 0 < len(g.token_ids) < 400
     assert_idle(kernel)
-    nxt = realm().generate(prompt=STORY, max_tokens=3, temperature=0)
+    nxt = gen(realm(), STORY, max_tokens=3, temperature=0)
     assert len(nxt.token_ids) == 3
 
 
@@ -238,7 +245,7 @@ def test_bad_prompt(kernel: RealmKernel, prompt: Any, err: type[RealmError], par
     assert info.value.details.get("param") == param
     assert param in str(info.value)
     assert_idle(kernel)
-    assert len(realm("bad").generate(prompt=STORY, max_tokens=2, temperature=0).token_ids) == 2
+    assert len(gen(realm("bad"), STORY, max_tokens=2, temperature=0).token_ids) == 2
 
 
 @pytest.mark.parametrize("kwargs, param", [
@@ -253,7 +260,7 @@ def test_bad_sampling_params(kernel: RealmKernel, kwargs: dict[str, Any], param:
     assert info.value.details.get("param") == param
     assert param in str(info.value)
     assert_idle(kernel)
-    assert len(realm("bad").generate(prompt=STORY, max_tokens=2, temperature=0).token_ids) == 2
+    assert len(gen(realm("bad"), STORY, max_tokens=2, temperature=0).token_ids) == 2
 
 
 # ------------------------------------------------------------------ bounded queue

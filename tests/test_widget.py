@@ -41,9 +41,9 @@ def wait_for(predicate, timeout=60.0):
 
 
 def test_esm_and_css_are_real_files():
-    assert RealmPanel._esm == STATIC / "panel.js" and (STATIC / "panel.js").is_file()
-    assert RealmPanel._css == STATIC / "panel.css" and (STATIC / "panel.css").is_file()
     js = (STATIC / "panel.js").read_text()
+    assert str(RealmPanel._esm) == js, "the ESM is read from static/panel.js"
+    assert str(RealmPanel._css) == (STATIC / "panel.css").read_text()
     for trait in ("models", "model", "prompt", "temperature", "max_tokens", "top_p", "seed",
                   "text", "status", "tokens", "tok_s", "error", "running"):
         assert trait in js, f"the ESM does not show {trait}"
