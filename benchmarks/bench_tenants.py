@@ -1,6 +1,6 @@
 """Tenants benchmark: aggregate speed of concurrent guests, and what the guest path costs per token.
 
-    python benchmarks/bench_tenants.py [--model smollm2-135m] [--new 64] [--repeat 2]
+    python benchmarks/bench_tenants.py [--model smollm2-135m] [--new 64] [--repeat 3]
 
 1. Continuous batching: 1, 4 and 16 tenants (one `Realm` each, one thread each) generate greedily
    at once, 16-token prompts, `--new` tokens each, on a kernel with 16 slots and a 512-token
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--new", type=int, default=64, help="new tokens per tenant")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
     kernel = RealmKernel.shared()
@@ -96,7 +96,8 @@ def main() -> None:
     assert engine is not None and engine.n_slots == N_SLOTS
     print(f"{args.model} ({entry.layout} layout) loaded in {time.perf_counter() - t:.1f} s; "
           f"kernel: {N_SLOTS} slots, context {MAX_CONTEXT}; {args.new} new tokens per tenant, "
-          f"{PROMPT_LEN}-token prompts, greedy\n")
+          f"{PROMPT_LEN}-token prompts, greedy; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs (a busy machine makes these figures noisy)\n")
     all_prompts = prompts(kernel, args.model, max(CONCURRENCY))
 
     # ---- 1. concurrent tenants
@@ -128,7 +129,7 @@ def main() -> None:
     host_s, guest_s, decode_tps = [], [], []
     host_ids: list[int] = []
     guest_ids: list[int] = []
-    for _ in range(max(args.repeat, 3)):
+    for _ in range(max(args.repeat, 5)):  # interleaved, so both see the same load
         t = time.perf_counter()
         host_ids = engine.greedy(prompt, args.new, slot=slot)
         host_s.append(time.perf_counter() - t)
