@@ -112,18 +112,21 @@ def main() -> None:
         pre = statistics.median(timed_prefill(engine, prompt128) for _ in range(args.repeat))
         ttft = statistics.median(timed_ttft(engine) for _ in range(args.repeat))
         rows[layout] = {"decode_tok_s": dec, "prefill_tok_s": pre, "ttft_ms": ttft}
-        logprobs[layout] = log_softmax(engine.prefill(3, ids, 0, all_logits=True).astype(np.float64))
+        logits = engine.prefill(3, ids, 0, all_logits=True)
+        logprobs[layout] = log_softmax(logits.astype(np.float64))
         del engine
 
     print(f"\nmodel {args.model}; single stream; medians of {args.repeat} runs")
     print(f"{'layout':8} {'decode tok/s':>13} {'x llama.cpp':>12} {'prefill128 tok/s':>17} "
           f"{'x llama.cpp':>12} {'TTFT ms':>8} {'x llama.cpp':>12}")
+    ref = REFERENCE
     for layout, r in rows.items():
-        print(f"{layout:8} {r['decode_tok_s']:13.1f} {r['decode_tok_s'] / REFERENCE['decode_tok_s']:12.2f} "
-              f"{r['prefill_tok_s']:17.1f} {r['prefill_tok_s'] / REFERENCE['prefill_tok_s']:12.2f} "
-              f"{r['ttft_ms']:8.1f} {REFERENCE['ttft_ms'] / r['ttft_ms']:12.2f}")
-    print(f"{'llama.cpp':8} {REFERENCE['decode_tok_s']:13.1f} {'':12} {REFERENCE['prefill_tok_s']:17.1f}"
-          f" {'':12} {REFERENCE['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
+        dec = r['decode_tok_s']
+        print(f"{layout:8} {dec:13.1f} {dec / ref['decode_tok_s']:12.2f} "
+              f"{r['prefill_tok_s']:17.1f} {r['prefill_tok_s'] / ref['prefill_tok_s']:12.2f} "
+              f"{r['ttft_ms']:8.1f} {ref['ttft_ms'] / r['ttft_ms']:12.2f}")
+    print(f"{'llama.cpp':8} {ref['decode_tok_s']:13.1f} {'':12} {ref['prefill_tok_s']:17.1f}"
+          f" {'':12} {ref['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
 
     exact, fast = logprobs["exact"], logprobs["fast"]
     top_e, top_f = exact.argmax(-1), fast.argmax(-1)

@@ -20,7 +20,7 @@ ARCHITECTURES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Dimension glossary: L layers, D width, H query heads, G kv heads, K head dim, F ffn, V vocab."""
+    """Glossary: L layers, D width, H query heads, G kv heads, K head dim, F ffn, V vocab."""
 
     arch: str
     n_layers: int  # L

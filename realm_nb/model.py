@@ -95,7 +95,8 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
     rows = slots[:, None]  # [B, 1] broadcasts against positions [B, T]
 
     def block(carry: tuple[jax.Array, jax.Array, jax.Array],
-              layer: tuple[LayerWeights, jax.Array]) -> tuple[tuple[jax.Array, ...], None]:
+              layer: tuple[LayerWeights, jax.Array]
+              ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
         x, k_cache, v_cache = carry
         w, l = layer
         h = rms_norm(x, w.attn_norm, cfg.rms_eps)

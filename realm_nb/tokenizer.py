@@ -75,7 +75,7 @@ def _build_spm(f: GGUFFile, tokens: list[str]) -> Any:
     scores = [float(s) for s in f.get("tokenizer.ggml.scores")]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges: list[tuple[str, str, float]] = []
-    for piece, score in zip(tokens, scores):
+    for piece, score in zip(tokens, scores, strict=False):
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
                  if piece[:i] in vocab and piece[i:] in vocab]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
@@ -84,7 +84,7 @@ def _build_spm(f: GGUFFile, tokens: list[str]) -> Any:
     unk = int(f.get("tokenizer.ggml.unknown_token_id", 0))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
                                unk_token=tokens[unk], fuse_unk=True, byte_fallback=True))
-    steps = [normalizers.Replace(" ", "▁")]
+    steps: list[Any] = [normalizers.Replace(" ", "▁")]
     add_space_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
     if add_space_prefix:
         steps.insert(0, normalizers.Prepend("▁"))
@@ -145,7 +145,8 @@ class TextCodec:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special=False)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ChatTemplateError(
                 "this model has no chat template (tokenizer.chat_template is missing): it is a "
