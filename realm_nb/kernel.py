@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import abi
-from .errors import ContextLengthError, InvalidRequestError, RealmError
+from .errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from .host import RequestHost
 from .scheduler import Scheduler
 from .store import LayerStore, ModelEntry
@@ -210,20 +210,22 @@ class RealmKernel:
     def model(self, name: str, weights: str | None = None) -> ModelEntry:
         """A loaded model by name/alias/id; catalogue names and paths register on first use."""
         try:
-            entry = self.store.get(name)
-            if weights is None or entry.layout == weights:
-                return entry
-        except RealmError:
+            return self.store.get(name, weights)
+        except ModelNotFoundError:
             pass
-        return self.store.register(name, layout=weights)
+        try:  # loaded in the other layout: the same file, registered again in this one
+            return self.store.register(str(self.store.get(name).path), layout=weights)
+        except ModelNotFoundError:
+            return self.store.register(name, layout=weights)
 
     def unload_model(self, name: str) -> ModelInfo:
-        entry = self.store.unload(name)
-        with self._lock:
-            sched = self._schedulers.pop(entry.id, None)
-        if sched is not None:
-            sched.stop()
-        return entry.info()
+        entries = self.store.unload(name)
+        for entry in entries:
+            with self._lock:
+                sched = self._schedulers.pop(entry.id, None)
+            if sched is not None:
+                sched.stop()
+        return entries[0].info()
 
     def scheduler(self, entry: ModelEntry) -> Scheduler:
         with self._lock:

@@ -127,8 +127,9 @@ class LayerStore:
         """Open and validate a model (catalogue name or .gguf path); load no weights yet."""
         layout = check_layout(layout or self.default_layout)
         src = str(source)
-        entry_cat = catalogue.find_entry(src)
         path = catalogue.resolve_model_path(src)
+        entry_cat = catalogue.find_entry(src) or next(
+            (e for e in catalogue.CATALOGUE if catalogue.cached_path(e) == path), None)
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise InvalidRequestError(f"name={name!r} must be a non-empty string", param="name")
         mid = content_id(path)
@@ -160,21 +161,22 @@ class LayerStore:
             self._models[entry.id] = entry
         return entry
 
-    def _find(self, key: str) -> ModelEntry | None:
+    def _find(self, key: str, layout: str | None = None) -> ModelEntry | None:
+        """The entry a name, alias or id means; where one file is registered in both layouts,
+        the asked-for layout, else the store's default one."""
         k = key.strip()
-        for m in self._models.values():
-            if k in (m.id, m.name, *m.aliases):
-                return m
         cat = catalogue.find_entry(k)
-        if cat is not None:
-            for m in self._models.values():
-                if cat.name in (m.name, *m.aliases):
-                    return m
-        return None
+        names = {k} | ({cat.name} if cat is not None else set())
+        matches = [m for m in self._models.values()
+                   if m.id == k or names & {m.name, *m.aliases}]
+        if layout is not None:
+            matches = [m for m in matches if m.layout == layout]
+        matches.sort(key=lambda m: (m.id != k, m.layout != self.default_layout))
+        return matches[0] if matches else None
 
-    def get(self, key: str) -> ModelEntry:
+    def get(self, key: str, layout: str | None = None) -> ModelEntry:
         with self._lock:
-            m = self._find(key)
+            m = self._find(key, layout)
         if m is None:
             known = ", ".join(sorted(x.name for x in self._models.values())) or "none"
             raise ModelNotFoundError(
@@ -267,16 +269,25 @@ class LayerStore:
             entry.resident_bytes = 0
             self.evictions += 1
 
-    def unload(self, key: str) -> ModelEntry:
-        entry = self.get(key)
-        if entry.in_use:
-            raise InvalidRequestError(
-                f"model {entry.name} has {entry.in_use} request(s) running; cancel them or wait "
-                "before unloading", param="model")
-        self.evict(entry)
+    def unload(self, key: str, layout: str | None = None) -> list[ModelEntry]:
+        """Forget a model: every layout registered under that name, or only `layout`."""
+        first = self.get(key, layout)
         with self._lock:
-            self._models.pop(entry.id, None)
-        return entry
+            if layout is None:
+                same = [m for m in self._models.values()
+                        if m.path == first.path and {m.name, *m.aliases} & {first.name, key}]
+            else:
+                same = [first]
+            busy = [m for m in same if m.in_use]
+            if busy:
+                raise InvalidRequestError(
+                    f"model {first.name} has {sum(m.in_use for m in busy)} request(s) running; "
+                    "cancel them or wait before unloading", param="model")
+            for m in same:
+                self._models.pop(m.id, None)
+        for m in same:
+            self.evict(m)
+        return same
 
     def resident_bytes(self) -> int:
         return sum(m.resident_bytes for m in self.entries())

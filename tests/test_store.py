@@ -82,7 +82,7 @@ def test_unload_removes_it_from_the_list(smollm2_path: Path) -> None:
     entry = store.register(smollm2_path, layout="exact")
     assert entry.id in {m.id for m in store.list()}
     store.load_layer(entry, 0)
-    assert store.unload(entry.id) is entry
+    assert store.unload(entry.id) == [entry]
     assert entry.resident_bytes == 0
     assert entry.id not in {m.id for m in store.list()}
     assert store.entries() == []
