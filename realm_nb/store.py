@@ -10,6 +10,7 @@ request is using are evicted, least recently used first. Sizes and offsets are P
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import threading
 import time
@@ -269,7 +270,7 @@ class LayerStore:
             entry.resident_bytes = 0
             self.evictions += 1
 
-    def unload(self, key: str, layout: str | None = None) -> list[ModelEntry]:
+    def unload(self, key: str, layout: str | None = None) -> builtins.list[ModelEntry]:
         """Forget a model: every layout registered under that name, or only `layout`."""
         first = self.get(key, layout)
         with self._lock:
