@@ -9,6 +9,7 @@ attention reads the first t_ctx cached positions, t_ctx a power of two (>= 128).
 
 from __future__ import annotations
 
+import os
 import threading
 from functools import partial
 
@@ -33,6 +34,18 @@ def _step(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: ja
                    all_logits=all_logits)
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled steps on disk (`REALM_NB_CACHE`/xla), so a new process skips the compiles
+    (about a second per shape here). REALM_NB_XLA_CACHE=0 turns it off; a cache dir the user
+    configured for JAX is left alone."""
+    if os.environ.get("REALM_NB_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    from .catalogue import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if n <= b:
@@ -48,6 +61,7 @@ class Engine:
         if n_slots < 1 or n_slots > DECODE_BUCKETS[-1]:
             raise InvalidRequestError(
                 f"n_slots={n_slots}: must be in 1..{DECODE_BUCKETS[-1]}", param="n_slots")
+        enable_compilation_cache()
         self.cfg = cfg
         self.params = params
         self.n_slots = n_slots
