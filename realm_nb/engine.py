@@ -40,7 +40,8 @@ def enable_compilation_cache() -> None:
     """Keep compiled steps on disk (`REALM_NB_CACHE`/xla), so a new process skips the compiles
     (about a second per shape here). REALM_NB_XLA_CACHE=0 turns it off; a cache dir the user
     configured for JAX is left alone."""
-    if os.environ.get("REALM_NB_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    configured = getattr(jax.config, "jax_compilation_cache_dir", None)
+    if os.environ.get("REALM_NB_XLA_CACHE", "1") == "0" or configured:
         return
     from .catalogue import cache_dir
 

@@ -247,6 +247,20 @@ def row_bytes(qtype: QT, n_cols: int) -> int:
     return n_cols // block_size * type_size
 
 
+def _check_raw(raw: jax.Array | np.ndarray, qtype: QT, n_cols: int, min_ndim: int) -> int:
+    """Refuse bytes that are not uint8 rows of `qtype` blocks; returns the bytes per row."""
+    _require_supported(qtype)
+    nbytes = row_bytes(qtype, n_cols)
+    if raw.dtype != np.uint8 or raw.ndim < min_ndim or raw.shape[-1] != nbytes:
+        rows = "rows, " if min_ndim > 1 else ""
+        raise ShapeMismatchError(
+            f"{qtype.name} rows of {n_cols} elements need uint8 [..., {rows}{nbytes}], "
+            f"got {raw.dtype} {list(raw.shape)}",
+            shape=list(raw.shape), qtype=qtype.name, n_cols=n_cols,
+        )
+    return nbytes
+
+
 def dequantize(raw: jax.Array | np.ndarray, qtype: QT, n_cols: int) -> jax.Array:
     """Expand GGUF rows to float32; jit- and scan-safe (qtype and n_cols are static).
 
@@ -257,17 +271,8 @@ def dequantize(raw: jax.Array | np.ndarray, qtype: QT, n_cols: int) -> jax.Array
     Returns:
       float32 [..., n_cols].
     """
-    _require_supported(qtype)
-    nbytes = row_bytes(qtype, n_cols)
     raw = jnp.asarray(raw)
-    if raw.dtype != jnp.uint8 or raw.ndim == 0 or raw.shape[-1] != nbytes:
-        raise ShapeMismatchError(
-            f"{qtype.name} rows of {n_cols} elements need uint8 [..., {nbytes}], "
-            f"got {raw.dtype} {list(raw.shape)}",
-            shape=list(raw.shape),
-            qtype=qtype.name,
-            n_cols=n_cols,
-        )
+    _check_raw(raw, qtype, n_cols, min_ndim=1)
     lead = raw.shape[:-1]
     _, type_size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, type_size)  # [N, type_size]
@@ -307,14 +312,5 @@ class QuantArray:
 
 def quant_array_from_numpy(raw: np.ndarray, qtype: QT, n_cols: int) -> QuantArray:
     """Wrap host bytes uint8 [..., rows, row_bytes] (e.g. from gguf.GGUFReader) as a QuantArray."""
-    _require_supported(qtype)
-    nbytes = row_bytes(qtype, n_cols)
-    if raw.dtype != np.uint8 or raw.ndim < 2 or raw.shape[-1] != nbytes:
-        raise ShapeMismatchError(
-            f"{qtype.name} matrix with {n_cols} columns needs uint8 [..., rows, {nbytes}], "
-            f"got {raw.dtype} {list(raw.shape)}",
-            shape=list(raw.shape),
-            qtype=qtype.name,
-            n_cols=n_cols,
-        )
+    _check_raw(raw, qtype, n_cols, min_ndim=2)
     return QuantArray(raw=jnp.asarray(raw), qtype=qtype, n_cols=n_cols)

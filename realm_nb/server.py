@@ -155,6 +155,28 @@ def _error_payload(e: BaseException) -> dict[str, Any]:
                       "type": "InternalServerError", "code": "internal_error", "param": None}}
 
 
+async def _openai_events(pump: _Pump, *, first: dict[str, Any] | None,
+                         piece: Callable[[str], dict[str, Any]],
+                         last: Callable[[Generation], dict[str, Any]],
+                         usage: Callable[[Generation], dict[str, Any] | None],
+                         ) -> AsyncIterator[str]:
+    """OpenAI's SSE stream: an opening chunk, one chunk per piece, the closing chunk with the
+    finish reason, the usage chunk when asked for, then [DONE]; an error becomes an error event."""
+    if first is not None:
+        yield _sse(first)
+    async for item in pump.events():
+        if isinstance(item, str):
+            yield _sse(piece(item))
+        elif item.error is not None:
+            yield _sse(_error_payload(item.error))
+        elif item.generation is not None:
+            yield _sse(last(item.generation))
+            extra = usage(item.generation)
+            if extra is not None:
+                yield _sse(extra)
+    yield SSE_DONE
+
+
 def _sse_response(events: AsyncIterator[str], rid: str) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Realm-Request-Id": rid})
@@ -333,25 +355,18 @@ def create_app(kernel: RealmKernel, *, api_keys: dict[str, KeyConfig] | None = N
             text = prompt_text(g) + g.text if body.echo else g.text
             return completion_body(rid, g, text, logprobs_of(g))
 
-        async def events() -> AsyncIterator[str]:
-            created, model = int(time.time()), pump.stream.model
-            if body.echo:
-                head = prompt if isinstance(prompt, str) else codec.decode(list(prompt))
-                yield _sse(completion_chunk(rid, model, created, head))
-            async for item in pump.events():
-                if isinstance(item, str):
-                    yield _sse(completion_chunk(rid, model, created, item))
-                elif item.error is not None:
-                    yield _sse(_error_payload(item.error))
-                elif item.generation is not None:
-                    g = item.generation
-                    yield _sse(completion_chunk(rid, model, created, "", g.finish_reason,
-                                                logprobs_of(g)))
-                    if body.include_usage:
-                        yield _sse(usage_chunk(rid, model, created, "text_completion", g))
-            yield SSE_DONE
-
-        return _sse_response(events(), rid)
+        created, model = int(time.time()), pump.stream.model
+        head = None
+        if body.echo:
+            text = prompt if isinstance(prompt, str) else codec.decode(list(prompt))
+            head = completion_chunk(rid, model, created, text)
+        return _sse_response(_openai_events(
+            pump, first=head,
+            piece=lambda text: completion_chunk(rid, model, created, text),
+            last=lambda g: completion_chunk(rid, model, created, "", g.finish_reason,
+                                            logprobs_of(g)),
+            usage=lambda g: usage_chunk(rid, model, created, "text_completion", g)
+            if body.include_usage else None), rid)
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request,
@@ -363,23 +378,14 @@ def create_app(kernel: RealmKernel, *, api_keys: dict[str, KeyConfig] | None = N
         if not body.stream:
             return chat_body(rid, await pump.result(request))
 
-        async def events() -> AsyncIterator[str]:
-            created, model = int(time.time()), pump.stream.model
-            yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-            async for item in pump.events():
-                if isinstance(item, str):
-                    yield _sse(chat_chunk(rid, model, created, {"content": item}))
-                elif item.error is not None:
-                    yield _sse(_error_payload(item.error))
-                elif item.generation is not None:
-                    g = item.generation
-                    yield _sse(chat_chunk(rid, model, created, {}, g.finish_reason,
-                                          chat_logprobs(g)))
-                    if body.include_usage:
-                        yield _sse(usage_chunk(rid, model, created, "chat.completion.chunk", g))
-            yield SSE_DONE
-
-        return _sse_response(events(), rid)
+        created, model = int(time.time()), pump.stream.model
+        return _sse_response(_openai_events(
+            pump, first=chat_chunk(rid, model, created, {"role": "assistant", "content": ""}),
+            piece=lambda text: chat_chunk(rid, model, created, {"content": text}),
+            last=lambda g: chat_chunk(rid, model, created, {}, g.finish_reason,
+                                      chat_logprobs(g)),
+            usage=lambda g: usage_chunk(rid, model, created, "chat.completion.chunk", g)
+            if body.include_usage else None), rid)
 
     # ---------------------------------------------------------------- the SDK's own call
 
