@@ -61,6 +61,9 @@ class RequestHost:
         self.eos_ids = set(entry.codec.eos_ids)
         self.tokens: list[int] = []
         self.text = ""  # decoded text, cut at a stop string when one matched
+        self._raw = ""  # decoded text of the settled tokens, before any stop cut
+        self._prefix_at = 0  # tokens[_prefix_at:_read_at] is the context decoded before new ones
+        self._read_at = 0
         self.sent = 0  # characters of `text` already streamed
         self.finish_reason: FinishReason | None = None
         self.scored: list[TokenLogprob] = []
@@ -96,25 +99,17 @@ class RequestHost:
         if self.t_first_token is None:
             self.t_first_token = time.perf_counter()
         if token in self.eos_ids:
-            self.finish_reason = "stop"
-            self._flush(final=True)
-            return 1
+            return self._finish("stop")
         if self._last_logits is not None:
             self.scored.append(score(self._last_logits, token, self.logprobs or 0,
                                      self.codec.token_text))
         self.tokens.append(token)
         if self._update_text():
-            self.finish_reason = "stop"
-            self._flush(final=True)
-            return 1
+            return self._finish("stop", stopped=True)
         if self.cancel_event.is_set():
-            self.finish_reason = "cancelled"
-            self._flush(final=True)
-            return 1
+            return self._finish("cancelled")
         if len(self.tokens) >= self.params.max_tokens:
-            self.finish_reason = "length"
-            self._flush(final=True)
-            return 1
+            return self._finish("length")
         self._flush(final=False)
         return 0
 
@@ -126,23 +121,42 @@ class RequestHost:
 
     # ------------------------------------------------------------------ text
 
-    def _update_text(self) -> bool:
-        """Decode all tokens so far; True when a stop string appeared (text is cut before it)."""
-        text = self.codec.decode(self.tokens)
+    def _update_text(self, final: bool = False) -> bool:
+        """Add the new tokens' text; True when a stop string appeared (text is cut before it).
+
+        Incremental: only the tokens since the last settled point are decoded, against a short
+        prefix so that merges across the boundary decode right. Text that ends inside a UTF-8
+        character waits for the next token (unless final), so the stream never shows U+FFFD.
+        """
+        prefix = self.codec.decode(self.tokens[self._prefix_at : self._read_at])
+        full = self.codec.decode(self.tokens[self._prefix_at :])
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self._raw += full[len(prefix) :]
+            self._prefix_at, self._read_at = self._read_at, len(self.tokens)
         for stop in self.params.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = self._raw.find(stop, max(0, self.sent - len(stop) + 1))
             if at >= 0:
-                self.text = text[:at]
+                self.text = self._raw[:at]
                 return True
-        self.text = text
+        self.text = self._raw
         return False
+
+    def _finish(self, reason: FinishReason, stopped: bool = False) -> int:
+        if not stopped and self._update_text(final=True):
+            reason = "stop"  # the held-back tail completed a stop string
+        self.finish_reason = reason
+        self._flush(final=True)
+        return 1
+
+    def finish_text(self) -> None:
+        """Settle and stream the last text when the guest ended without a finish of ours."""
+        self._update_text(final=True)
+        self._flush(final=True)
 
     def _flush(self, final: bool) -> None:
         """Stream what is safe to show: never half a UTF-8 character nor a possible stop prefix."""
         end = len(self.text)
         if not final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
             for stop in self.params.stop:
                 for n in range(min(len(stop) - 1, end), 0, -1):
                     if self.text[:end].endswith(stop[:n]):

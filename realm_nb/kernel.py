@@ -350,7 +350,7 @@ class RealmKernel:
         generation = None
         if error is None and host is not None:
             if host.finish_reason is None and finish != "cancelled":
-                host._flush(final=True)
+                host.finish_text()
             generation = self._generation(stream, entry, prompt, prompt_ids, params, seed, host,
                                           finish, echo, logprobs, t0)
         with self._lock:
