@@ -3,9 +3,11 @@
 Each request holds a `Sequence` (a KV-cache slot of the model's engine and its length). A guest's
 `forward` blocks in `Scheduler.forward`; one worker thread per model takes the pending requests,
 runs prompt chunks one sequence at a time (`Engine.prefill`) and all pending single-token forwards
-together as one `Engine.decode_step`. It waits a moment (GATHER_S) for the other open sequences to
-submit, so tenants that run in step share each step. Slots are few; a request that finds none
-waits in a bounded queue, and a full queue is a `QueueFullError`, never a silent drop.
+together as one `Engine.decode_step`. It waits a moment for the other open sequences to submit
+(a quarter of the last step's time, within GATHER_MIN_S..GATHER_MAX_S: after a step, tenants
+sample and emit one after another under the GIL), so tenants that run in step share each step.
+Slots are few; a request that finds none waits in a bounded queue, and a full queue is a
+`QueueFullError`, never a silent drop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from .engine import Engine
 from .errors import QueueFullError, RealmError
 
-GATHER_S = 0.002  # how long a step waits for the other open sequences' forwards
+GATHER_MIN_S, GATHER_MAX_S = 0.001, 0.010  # how long a step may wait for the others' forwards
 SLOT_WAIT_S = 600.0  # how long a request waits for a free slot before giving up
 
 
@@ -63,6 +65,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._worker: threading.Thread | None = None
         self._stopped = False
+        self._last_step_s = 0.0
         # counters for stats/metrics
         self.steps = 0
         self.decode_rows = 0
@@ -152,7 +155,8 @@ class Scheduler:
         with self._cv:
             while not self._pending and not self._stopped:
                 self._cv.wait(1.0)
-            deadline = time.monotonic() + GATHER_S
+            window = min(GATHER_MAX_S, max(GATHER_MIN_S, 0.25 * self._last_step_s))
+            deadline = time.monotonic() + window
             while len(self._pending) < len(self._open) and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -199,6 +203,7 @@ class Scheduler:
                 r.done.set()
         if not ok:
             return
+        t0 = time.perf_counter()
         try:
             logits = engine.decode_step([r.seq.slot for r in ok], [int(r.tokens[0]) for r in ok],
                                         [r.seq.length for r in ok])
@@ -207,6 +212,7 @@ class Scheduler:
                 r.error = e
                 r.done.set()
             return
+        self._last_step_s = time.perf_counter() - t0
         self.steps += 1
         self.decode_rows += len(ok)
         for i, r in enumerate(ok):
