@@ -45,6 +45,9 @@ def _preload(realm: Any, args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags, checked now: a bad value fails before a model loads for it."""
+    from .types import SamplingParams
+
     out: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     for key in ("top_k", "top_p", "min_p", "repeat_penalty", "seed"):
         value = getattr(args, key, None)
@@ -52,6 +55,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if getattr(args, "stop", None):
         out["stop"] = args.stop
+    SamplingParams(**out)
     return out
 
 
@@ -78,10 +82,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
     realm = _realm(args)
     _preload(realm, args)
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    stream = realm.generate(prompt=prompt, stream=True, **_sampling(args))
+    # stdin's trailing newline is not part of the prompt (`echo text | realm-nb generate -`)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read().removesuffix("\n")
+    stream = realm.generate(prompt=prompt, stream=True, **sampling)
     t0 = time.perf_counter()
     for piece in stream:
         sys.stdout.write(piece)
@@ -96,22 +102,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
     realm = _realm(args)
     _preload(realm, args)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print("realm-nb chat: empty line or Ctrl-D to quit.", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("realm-nb chat: empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
-            line = input("you> ")
+            line = input("you> " if interactive else "")
         except EOFError:
             break
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        sys.stdout.write("model> ")
-        stream = realm.chat(messages, stream=True, **_sampling(args))
+        if interactive:
+            sys.stdout.write("model> ")
+        stream = realm.chat(messages, stream=True, **sampling)
         try:
             for piece in stream:
                 sys.stdout.write(piece)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from .errors import (
+    InvalidRequestError,
     RealmError,
     RequestNotFoundError,
     ServerConnectionError,
@@ -131,9 +132,15 @@ class HttpStream:
         self._lock = threading.RLock()
         client = backend.client
         try:
-            self._response = client.send(
-                client.build_request("POST", "/v1/realm/generate", json={**body, "stream": True}),
-                stream=True)
+            request = client.build_request("POST", "/v1/realm/generate",
+                                           json={**body, "stream": True})
+        except UnicodeEncodeError as e:  # a lone surrogate in the prompt or messages
+            what = "prompt" if "prompt" in body else "messages"
+            raise InvalidRequestError(
+                f"{what}: not valid Unicode text, {e.object[e.start:e.end]!r} is a lone "
+                "surrogate; send UTF-8 text", param=what) from None
+        try:
+            self._response = client.send(request, stream=True)
         except httpx.TransportError as e:
             raise backend.unreachable(e) from None
         if self._response.status_code >= 400:

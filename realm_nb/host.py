@@ -131,7 +131,8 @@ class RequestHost:
         prefix = self.codec.decode(self.tokens[self._prefix_at : self._read_at])
         full = self.codec.decode(self.tokens[self._prefix_at :])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            self._raw += full[len(prefix) :]
+            # a generation cut inside a character (max tokens, cancel) drops the partial one
+            self._raw += full[len(prefix) :].rstrip("\ufffd") if final else full[len(prefix) :]
             self._prefix_at, self._read_at = self._read_at, len(self.tokens)
         for stop in self.params.stop:
             at = self._raw.find(stop, max(0, self.sent - len(stop) + 1))

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from . import abi
 from .errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from .host import RequestHost
@@ -26,6 +28,13 @@ from .types import FinishReason, Generation, ModelInfo, SamplingParams
 
 MAX_GUESTS_PER_TENANT = 32  # concurrent requests of one tenant, each in its own guest instance
 _POLL_S = 0.05  # consumers wait in slices of this, so Ctrl-C is seen while they wait
+
+
+def _check_model_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequestError(
+            f"model={name!r} must be a model name, alias, id or .gguf path (a non-empty "
+            "string); see models()", param="model")
 
 
 class _Done:
@@ -203,12 +212,14 @@ class RealmKernel:
 
     def load_model(self, source: str, name: str | None = None,
                    weights: str | None = None) -> ModelInfo:
+        _check_model_name(source)
         entry = self.store.register(source, name=name, layout=weights)
         self.store.ensure_resident(entry)
         return entry.info()
 
     def model(self, name: str, weights: str | None = None) -> ModelEntry:
         """A loaded model by name/alias/id; catalogue names and paths register on first use."""
+        _check_model_name(name)
         try:
             return self.store.get(name, weights)
         except ModelNotFoundError:
@@ -272,19 +283,36 @@ class RealmKernel:
         with self._lock:
             self._requests[rid] = stream
             self.counters["requests"] += 1
+            # Counted from now, not from inside the thread: an unload or an eviction that comes
+            # before the thread runs must see the model as busy. Changed only under the lock
+            # (`+=` on an attribute is not atomic across threads).
+            entry.in_use += 1
         thread = threading.Thread(target=self._run, name=f"realm-{tenant}-{rid}", daemon=True,
                                   args=(stream, rec, entry, prompt, prompt_ids, params, echo,
                                         logprobs))
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._requests.pop(rid, None)
+                entry.in_use -= 1
+            raise
         return stream
 
     def _prompt_ids(self, entry: ModelEntry, prompt: str | list[int]) -> list[int]:
         vocab = entry.cfg.vocab_size
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer raises TypeError
+                raise InvalidRequestError(
+                    f"the prompt is not valid Unicode text: {e.object[e.start:e.end]!r} at "
+                    f"character {e.start} is a lone surrogate; send UTF-8 text",
+                    param="prompt") from None
             ids = entry.codec.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError(
@@ -311,7 +339,6 @@ class RealmKernel:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         t0 = time.perf_counter()
         sched = self.scheduler(entry)
-        entry.in_use += 1
         seq = None
         guest = None
         host = None
@@ -345,14 +372,27 @@ class RealmKernel:
                 rec.release(guest)
             if seq is not None:
                 sched.close(seq)
-            entry.in_use -= 1
+            with self._lock:
+                entry.in_use -= 1
             entry.last_used = time.monotonic()
         generation = None
         if error is None and host is not None:
-            if host.finish_reason is None and finish != "cancelled":
+            if host.finish_reason is None:
                 host.finish_text()
             generation = self._generation(stream, entry, prompt, prompt_ids, params, seed, host,
                                           finish, echo, logprobs, t0)
+        elif error is None:  # cancelled while it waited for a KV-cache slot: nothing generated
+            generation = Generation(
+                text="", token_ids=[], prompt=prompt, prompt_ids=list(prompt_ids),
+                finish_reason="cancelled", model=entry.name,
+                usage={"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
+                       "total_tokens": len(prompt_ids)},
+                timings={"prompt_ms": 0.0, "ttft_ms": 0.0, "decode_ms": 0.0,
+                         "total_ms": (time.perf_counter() - t0) * 1000, "tokens_per_s": 0.0},
+                logprobs=[] if logprobs is not None else None,
+                params=SamplingParams(**{**params.to_dict(), "seed": seed,
+                                         "stop": tuple(params.stop)}),
+                tenant=stream.tenant)
         with self._lock:
             self._requests.pop(stream.request_id, None)
             if error is not None:

@@ -12,7 +12,6 @@ Loading the extension imports neither JAX nor wasmtime: the `Realm` is made on f
 from __future__ import annotations
 
 import argparse
-import codecs
 import html
 import re
 import sys
@@ -135,6 +134,17 @@ def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
         return m.group(0)
 
     return _FIELD.sub(fill, text)
+
+
+def unescape_stop(text: str) -> str:
+    """A --stop value with its backslash escapes (\\n, \\t, \\u2026) decoded; other characters
+    (é, emoji) stay as typed. `unicode_escape` alone reads its input as latin-1 bytes, which
+    turns "é" into "Ã©"; the non-latin-1 ones go in as escapes of their own here."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"%%realm generate: --stop {text!r} has a broken escape ({e.reason}); "
+                         "write a backslash as \\\\") from None
 
 
 # ----------------------------------------------------------------------------- cell output
@@ -429,7 +439,7 @@ class RealmMagics(Magics):
             if getattr(args, key) is not None:
                 out[key] = getattr(args, key)
         if args.stop:
-            out["stop"] = tuple(codecs.decode(s, "unicode_escape") for s in args.stop)
+            out["stop"] = tuple(unescape_stop(s) for s in args.stop)
         from .types import SamplingParams
 
         with _user_errors():

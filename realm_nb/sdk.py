@@ -188,9 +188,4 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
         raise InvalidRequestError(
             f"unknown parameter(s) {unknown}; sampling parameters are {list(SAMPLING_KEYS)}",
             param=unknown[0])
-    if "stop" in sampling and sampling["stop"] is not None:
-        stop = sampling["stop"]
-        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    elif "stop" in sampling:
-        sampling["stop"] = ()
-    return SamplingParams(**sampling)
+    return SamplingParams(**sampling)  # it normalises and checks stop (str, list or None)

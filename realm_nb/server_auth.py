@@ -10,6 +10,7 @@ that key's bucket (429 with Retry-After when empty) and puts the tenant into
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,7 @@ from .errors import AuthenticationError, InvalidRequestError, RateLimitError, Re
 from .server_metrics import ServerMetrics
 
 DEFAULT_TENANT = "default"
+log = logging.getLogger("realm_nb.server")
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,12 @@ class GateMiddleware:
         t0 = time.perf_counter()
         status = {"code": 500}
 
+        started = {"yes": False}
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                started["yes"] = True
             await send(message)
 
         try:
@@ -159,7 +164,19 @@ class GateMiddleware:
                     await error_response(e)(scope, receive, send_wrapper)
                     return
                 scope.setdefault("state", {})["tenant"] = tenant
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as e:
+                # A bug of ours. Answer the 500 here: past this middleware Starlette sends its
+                # 500 and re-raises, and uvicorn then drops the keep-alive connection, so the
+                # client's *next* request fails too (the SDK would report an unreachable server).
+                if started["yes"]:
+                    raise
+                log.exception("internal error on %s %s", scope.get("method"), scope["path"])
+                body = {"error": {"message": f"internal error: {type(e).__name__}: {e}",
+                                  "type": "InternalServerError", "code": "internal_error",
+                                  "param": None}}
+                await JSONResponse(body, status_code=500)(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (

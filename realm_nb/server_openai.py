@@ -179,9 +179,7 @@ class RealmGenerateRequest(_Body):
     stream: bool = False
 
     def sampling(self) -> SamplingParams:
-        p = dict(self.params)
-        if p.get("stop") is not None:
-            p["stop"] = (p["stop"],) if isinstance(p["stop"], str) else tuple(p["stop"])
+        p = dict(self.params)  # SamplingParams normalises and checks stop
         unknown = sorted(set(p) - set(SamplingParams.__dataclass_fields__))
         if unknown:
             raise InvalidRequestError(f"unknown sampling parameter(s) {unknown}",

@@ -46,17 +46,21 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop or ()))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop or ()))
+            except TypeError:  # stop=5: say so, not "'int' object is not iterable"
+                _check(False, "stop", self.stop, "a string or a list of up to 16 non-empty "
+                       "strings")
         self.validate()
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad parameter."""
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", self.max_tokens,
-               "an integer >= 0")
+        _check(_is_int(self.max_tokens) and 0 <= self.max_tokens < 2**32, "max_tokens",
+               self.max_tokens, "an integer in [0, 2**32)")
         _check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
                self.temperature, "a number in [0, 100]")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k,
-               "an integer >= 0 (0 = the guest's candidate cap)")
+        _check(_is_int(self.top_k) and 0 <= self.top_k < 2**32, "top_k", self.top_k,
+               "an integer in [0, 2**32) (0 = the guest's candidate cap)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
                "a number in (0, 1]")
         _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p,

@@ -57,6 +57,27 @@ def test_generate_prints_text_and_summary(smollm2_path) -> None:
 
 
 @pytest.mark.slow
+def test_chat_from_a_pipe_answers_each_line_without_prompts(smollm2_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "realm_nb", "chat", "-n", "6", "--temperature", "0"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "you>" not in proc.stdout and "model>" not in proc.stdout
+    assert proc.stdout.strip()  # the model's answer
+
+
+@pytest.mark.slow
+def test_generate_reads_the_prompt_from_stdin_without_its_newline(smollm2_path) -> None:
+    args = ["-n", "6", "--temperature", "0"]
+    direct = run_cli("generate", "The capital of France is", *args)
+    piped = subprocess.run([sys.executable, "-m", "realm_nb", "generate", "-", *args],
+                           input="The capital of France is\n", capture_output=True, text=True,
+                           timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == direct.stdout
+
+
+@pytest.mark.slow
 def test_models_json(smollm2_path) -> None:
     proc = run_cli("models", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -72,6 +93,12 @@ def test_unknown_model_exits_2_with_one_line() -> None:
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("realm-nb: error:")
     assert "no-such-model-anywhere" in lines[0]
+
+
+def test_bad_sampling_flag_fails_before_any_model_loads() -> None:
+    proc = run_cli("generate", "hi", "-n", "-1", "-m", "no-such-model-anywhere")
+    assert proc.returncode == 2
+    assert "max_tokens=-1" in proc.stderr and "no-such-model" not in proc.stderr
 
 
 def test_unreachable_endpoint_exits_2() -> None:

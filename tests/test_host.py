@@ -24,10 +24,8 @@ def make_host(kernel, stop=(), max_tokens=1000):
 
 
 def feed(host, ids):
-    for t in ids:
-        if host.emit(t) == 1:
-            return True
-    return False
+    """Emit ids one by one as the guest would; True when the host said stop."""
+    return any(host.emit(t) == 1 for t in ids)
 
 
 def test_multibyte_characters_split_across_tokens_never_stream_replacement_chars(kernel):
@@ -61,3 +59,12 @@ def test_max_tokens_ends_with_length_and_the_settled_text(kernel):
     assert feed(host, ids)
     assert host.finish_reason == "length"
     assert host.text == codec.decode(ids[:3]) == "".join(pieces)
+
+
+def test_a_cut_inside_a_character_drops_the_partial_character(kernel):
+    host, pieces, codec = make_host(kernel, max_tokens=1)
+    ids = codec.encode("\U0001f389")
+    assert len(ids) > 1  # the emoji spans several byte-level tokens
+    assert feed(host, ids)
+    assert host.finish_reason == "length"
+    assert host.text == "" == "".join(pieces)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 
+import pytest
+
+from realm_nb.errors import InvalidRequestError
 from realm_nb.kernel import RealmKernel
 from realm_nb.sdk import Realm
-from realm_nb.types import Generation
+from realm_nb.types import Generation, SamplingParams
 
 MODEL = "smollm2-135m"
 PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"
@@ -74,3 +78,51 @@ def test_models_lists_smollm2(kernel: RealmKernel) -> None:
     info = rows[0]
     assert (info.arch, info.quant, info.loaded) == ("llama", "Q4_1", True)
     assert info.size_bytes and info.size_bytes > 90_000_000
+
+
+def test_cancel_while_waiting_for_a_slot_ends_cancelled(kernel: RealmKernel) -> None:
+    """A request cancelled before it got a KV-cache slot still ends with a Generation."""
+    entry = kernel.model(MODEL)
+    sched = kernel.scheduler(entry)
+    hogs = [sched.open("hog") for _ in range(kernel.store.n_slots)]
+    try:
+        s = kernel.generate(tenant="kernel-tests", model=MODEL, prompt="Hi",
+                            params=SamplingParams(max_tokens=4, temperature=0))
+        deadline = time.monotonic() + 10
+        while sched.queue_depth == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # it waits in the slot queue
+        s.cancel()
+        g = s.result(timeout=10)  # was an AssertionError: neither a generation nor an error
+        assert g.finish_reason == "cancelled" and g.text == "" and g.token_ids == []
+        assert g.usage["prompt_tokens"] == len(g.prompt_ids) > 0
+        assert list(s) == []
+    finally:
+        for seq in hogs:
+            sched.close(seq)
+    assert sched.open_sequences == 0
+    assert kernel.running("kernel-tests") == []
+    assert entry.in_use == 0
+
+
+@pytest.mark.parametrize("name", [3, None, "", "  "])
+def test_model_name_must_be_a_string(kernel: RealmKernel, name: object) -> None:
+    with pytest.raises(InvalidRequestError, match="model="):
+        kernel.generate(tenant="kernel-tests", model=name, prompt="Hi",  # type: ignore[arg-type]
+                        params=SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="model="):
+        kernel.load_model(name)  # type: ignore[arg-type]
+
+
+def test_lone_surrogate_prompt_is_an_invalid_request(kernel: RealmKernel) -> None:
+    with pytest.raises(InvalidRequestError, match="surrogate"):
+        kernel.generate(tenant="kernel-tests", model=MODEL, prompt="a\ud800b",
+                        params=SamplingParams(max_tokens=1))
+
+
+def test_in_use_counts_a_request_from_its_start(kernel: RealmKernel) -> None:
+    entry = kernel.model(MODEL)
+    s = kernel.generate(tenant="kernel-tests", model=MODEL, prompt="Hi",
+                        params=SamplingParams(max_tokens=2, temperature=0))
+    assert entry.in_use >= 1  # before the request's thread has run: an unload must wait
+    s.result()
+    assert entry.in_use == 0

@@ -16,7 +16,7 @@ from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
-from realm_nb.magics import RealmMagics, code_of, interpolate
+from realm_nb.magics import RealmMagics, code_of, interpolate, unescape_stop
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +287,16 @@ def test_kernel_interrupt_stops_and_keeps_the_partial_text(ip):
     out = final(cap)
     assert out.data["text/plain"] == g.text and g.text
     assert "interrupted" in out.data["text/html"]
+
+
+def test_stop_escapes_decode_and_non_ascii_stays_as_typed() -> None:
+    assert unescape_stop("\\n\\n") == "\n\n"
+    assert unescape_stop("\\u2026") == "\u2026"
+    assert unescape_stop("é") == "é"  # was "Ã©": unicode_escape read the text as latin-1
+    assert unescape_stop("😀 end") == "😀 end"
+    assert unescape_stop("a\\\\b") == "a\\b"
+
+
+def test_broken_stop_escape_is_a_usage_error(ip) -> None:
+    with pytest.raises(UsageError, match="--stop"):
+        gen(ip, "-n 2 --stop 'a\\'", "Hello")

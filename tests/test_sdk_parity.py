@@ -106,6 +106,10 @@ def test_models_same_types(local: Realm, remote: Realm) -> None:
     (lambda r: r.generate("hi", logprobs=50), InvalidRequestError),
     (lambda r: r.chat([{"role": "user"}]), InvalidRequestError),
     (lambda r: r.unload_model("no-such-model"), ModelNotFoundError),
+    (lambda r: r.generate("hi", stop=5), InvalidRequestError),  # was TypeError / HTTP 500
+    (lambda r: r.generate("hi", max_tokens=2**40), InvalidRequestError),
+    (lambda r: r.generate("a\ud800b", max_tokens=2), InvalidRequestError),  # lone surrogate
+    (lambda r: r.chat([{"role": "user", "content": "\udfff"}]), InvalidRequestError),
 ])
 def test_same_errors_in_both_modes(local: Realm, remote: Realm, call, error) -> None:
     with pytest.raises(error) as ea:

@@ -239,6 +239,32 @@ def test_bad_request_gets_4xx_with_openai_error(server, path: str, body: str,
     assert "param" in err
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/realm/generate", '{"prompt": "hi", "params": {"stop": 5}}'),  # was a 500
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}'),  # was a 500
+    ("/v1/completions", '{"prompt": "hi", "max_tokens": 8589934592}'),  # was a 200 + error event
+])
+def test_odd_values_are_400_not_500(server, path: str, body: str) -> None:
+    r = httpx.post(server.url + path, content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "InvalidRequestError"
+
+
+def test_internal_error_is_500_and_the_connection_stays_usable(kernel) -> None:
+    app = create_app(kernel)
+
+    @app.get("/v1/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.get("/v1/boom")
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "internal_error" and "kaboom" in r.text
+        assert http.get("/health").status_code == 200  # was: connection reset by peer
+
+
 def test_prompt_longer_than_context_is_400(server, kernel) -> None:
     prompt = "hello " * (kernel.store.max_context + 10)
     r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt}, timeout=30)
