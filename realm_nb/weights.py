@@ -82,8 +82,6 @@ def _int8_linear(x: jax.Array, w: Int8Matrix) -> jax.Array:
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)
     n = rows.shape[0]
-    if n >= F32_ROWS:
-        return _int8_linear_f32(rows, w).reshape(*lead, -1)
     amax = jnp.max(jnp.abs(rows), axis=-1, keepdims=True)
     a_hi = jnp.where(amax > 0, amax / 127.0, 1.0)
     hi = jnp.round(rows / a_hi)
@@ -98,18 +96,6 @@ def _int8_linear(x: jax.Array, w: Int8Matrix) -> jax.Array:
     for p in range(1, w.planes):
         out = out + y[:, p * n_out : (p + 1) * n_out]
     return out.reshape(*lead, -1)
-
-
-# Prompt chunks of this many rows or more expand the int8 weights to f32 and run an f32 matrix
-# product: at 128 rows that is faster than int8 x int8 here, the expansion being paid once per
-# chunk. Decode batches (<= 32 rows) stay on the int8 path, so decode stays batch-invariant.
-F32_ROWS = 64
-
-
-def _int8_linear_f32(rows: jax.Array, w: Int8Matrix) -> jax.Array:
-    n_out = w.q.shape[-2] // w.planes
-    weights = (w.q.astype(jnp.float32) * w.scale[:, None]).reshape(w.planes, n_out, -1).sum(0)
-    return jnp.einsum("ni,oi->no", rows, weights)
 
 
 def embed_rows(w: Matrix, ids: jax.Array) -> jax.Array:
