@@ -144,12 +144,17 @@ def test_panel_in_jupyterlab(lab):
             # 2. Generate streams real model text into the panel
             panel.locator("[data-testid=realm-prompt]").fill("Once upon a time, a cat named Tom")
             max_tokens = panel.locator("[data-testid=realm-max-tokens]")
-            max_tokens.fill("60")
-            max_tokens.press("Tab")
+
+            def set_max_tokens(n: int) -> None:
+                """Type a value into the panel and wait until Python's trait holds it."""
+                max_tokens.fill(str(n))
+                max_tokens.press("Tab")
+                deadline = time.monotonic() + 20
+                while python("panel.max_tokens") != str(n) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+
+            set_max_tokens(60)
             panel.locator("input.realm-chat").uncheck()
-            deadline = time.monotonic() + 20
-            while python("panel.max_tokens") != "60" and time.monotonic() < deadline:
-                time.sleep(0.2)
             panel.locator("[data-testid=realm-generate]").click()
             page.wait_for_function(
                 """() => { const p = document.querySelector('.realm-panel');
@@ -176,11 +181,7 @@ def test_panel_in_jupyterlab(lab):
             # 3. Stop halts a running generation
             panel.locator("[data-testid=realm-prompt]").fill(
                 "Count from one to one thousand: one, two, three,")
-            max_tokens.fill("1500")
-            max_tokens.press("Tab")
-            deadline = time.monotonic() + 20
-            while python("panel.max_tokens") != "1500" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            set_max_tokens(1500)
             panel.locator("[data-testid=realm-generate]").click()
             page.wait_for_function(
                 """() => { const p = document.querySelector('.realm-panel');
