@@ -7,6 +7,7 @@ the token loop, and returns a `GenerationStream` of text pieces that ends with a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import queue
@@ -376,23 +377,11 @@ class RealmKernel:
                 entry.in_use -= 1
             entry.last_used = time.monotonic()
         generation = None
-        if error is None and host is not None:
-            if host.finish_reason is None:
+        if error is None:  # host is None: cancelled while it waited for a KV-cache slot
+            if host is not None and host.finish_reason is None:
                 host.finish_text()
             generation = self._generation(stream, entry, prompt, prompt_ids, params, seed, host,
-                                          finish, echo, logprobs, t0)
-        elif error is None:  # cancelled while it waited for a KV-cache slot: nothing generated
-            generation = Generation(
-                text="", token_ids=[], prompt=prompt, prompt_ids=list(prompt_ids),
-                finish_reason="cancelled", model=entry.name,
-                usage={"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
-                       "total_tokens": len(prompt_ids)},
-                timings={"prompt_ms": 0.0, "ttft_ms": 0.0, "decode_ms": 0.0,
-                         "total_ms": (time.perf_counter() - t0) * 1000, "tokens_per_s": 0.0},
-                logprobs=[] if logprobs is not None else None,
-                params=SamplingParams(**{**params.to_dict(), "seed": seed,
-                                         "stop": tuple(params.stop)}),
-                tenant=stream.tenant)
+                                          finish, logprobs, t0)
         with self._lock:
             self._requests.pop(stream.request_id, None)
             if error is not None:
@@ -406,29 +395,30 @@ class RealmKernel:
 
     def _generation(self, stream: GenerationStream, entry: ModelEntry, prompt: str | list[int],
                     prompt_ids: list[int], params: SamplingParams, seed: int,
-                    host: RequestHost, finish: FinishReason, echo: bool,
-                    logprobs: int | None, t0: float) -> Generation:
+                    host: RequestHost | None, finish: FinishReason, logprobs: int | None,
+                    t0: float) -> Generation:
+        """The result of a request; without a host (never started), an empty cancelled one."""
         t_end = time.perf_counter()
-        n = len(host.tokens)
-        prompt_done = host.t_prompt_done or t_end
-        first = host.t_first_token or t_end
-        decode_s = max(t_end - first, 1e-9)
+        tokens = list(host.tokens) if host is not None else []
+        n = len(tokens)
+        started = t_end if host is not None else t0  # stand-in for events that never came
+        prompt_done = (host.t_prompt_done if host is not None else None) or started
+        first = (host.t_first_token if host is not None else None) or started
+        decode_s = t_end - first
         timings = {
             "prompt_ms": (prompt_done - t0) * 1000,
             "ttft_ms": (first - t0) * 1000,
-            "decode_ms": decode_s * 1000,
+            "decode_ms": decode_s * 1000 if host is not None else 0.0,
             "total_ms": (t_end - t0) * 1000,
-            "tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
+            "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         }
-        scored = host.scored if logprobs is not None else None
+        scored = (host.scored if host is not None else []) if logprobs is not None else None
         return Generation(
-            text=host.text, token_ids=list(host.tokens), prompt=prompt,
+            text=host.text if host is not None else "", token_ids=tokens, prompt=prompt,
             prompt_ids=list(prompt_ids), finish_reason=finish, model=entry.name,
             usage={"prompt_tokens": len(prompt_ids), "completion_tokens": n,
                    "total_tokens": len(prompt_ids) + n},
-            timings=timings, logprobs=scored,
-            params=SamplingParams(**{**params.to_dict(), "seed": seed,
-                                     "stop": tuple(params.stop)}),
+            timings=timings, logprobs=scored, params=dataclasses.replace(params, seed=seed),
             tenant=stream.tenant)
 
     # ------------------------------------------------------------------ control and stats
