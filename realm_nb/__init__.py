@@ -33,6 +33,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'realm_nb' has no attribute {name!r}")
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter Server extension that owns the shared runtime (`realm_nb.jupyter_ext`)."""
+    return [{"module": "realm_nb.jupyter_ext"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     from .magics import load_ipython_extension as load
 

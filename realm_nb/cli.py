@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", action="append", default=None,
                    help="folder whose .gguf files may be loaded over HTTP (repeatable)")
     p.add_argument("--weights", choices=["exact", "fast"], default=None)
+    p.add_argument("--lazy", action="store_true",
+                   help="serve at once; load models on first use (with progress in the stream)")
+    p.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited listening socket instead of --host/--port "
+                        "(how a Jupyter server starts its runtime)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process is gone (no orphan runtime)")
     p.set_defaults(fn=cmd_serve)
     return parser
 

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -52,12 +52,15 @@ def _raise_for(response: httpx.Response) -> None:
 class HttpBackend:
     """A realm-nb server as an SDK backend (see `sdk.Backend`)."""
 
-    def __init__(self, endpoint: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, endpoint: str, api_key: str | None = None, timeout: float = 600.0,
+                 tenant: str | None = None) -> None:
         base = endpoint.rstrip("/")
         if base.endswith("/v1"):
             base = base[:-3]
         self.endpoint = base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if tenant is not None:  # a key that speaks for many tenants (a notebook's runtime)
+            headers["X-Realm-Tenant"] = tenant
         self.client = httpx.Client(base_url=base, headers=headers,
                                    timeout=httpx.Timeout(timeout, connect=10.0))
 
@@ -118,8 +121,11 @@ class HttpStream:
     """A generation running on the server: iterate text pieces; `.generation` once done.
 
     Behaves like the kernel's `GenerationStream`: `cancel()` stops it (the partial generation
-    still arrives, finish_reason "cancelled"), `close()` cancels and waits, `result()` waits.
+    still arrives, finish_reason "cancelled"), `close()` cancels and waits, `result()` waits;
+    cold-start progress events go to `on_progress` while it is iterated.
     """
+
+    on_progress: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self, backend: HttpBackend, body: dict[str, Any]) -> None:
         self.backend = backend
@@ -182,9 +188,18 @@ class HttpStream:
                 elif "request_id" in event:
                     self.request_id = event["request_id"]
                     self.model = event.get("model", self.model)
+                elif "progress" in event:
+                    if self.on_progress is not None:
+                        self.on_progress(event["progress"])
+                    continue
                 return
         except httpx.TransportError as e:
-            self.error = self.backend.unreachable(e)
+            self.error = self.backend.unreachable(e) if self.request_id is None else \
+                ServerConnectionError(
+                    f"the realm-nb server at {self.backend.endpoint} dropped request "
+                    f"{self.request_id} mid-way ({type(e).__name__}); it may have stopped or "
+                    "crashed. A runtime owned by Jupyter restarts on the next request; "
+                    "run the cell again", param="endpoint")
         self._done = True
         self._response.close()
         if self.generation is None and self.error is None:

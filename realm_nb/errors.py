@@ -126,6 +126,13 @@ class AuthenticationError(RealmError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(RealmError):
+    """The API key is valid but may not do this (e.g. act as another tenant)."""
+
+    status_code = 403
+    code = "permission_denied"
+
+
 class RateLimitError(RealmError):
     status_code = 429
     code = "rate_limit_exceeded"
@@ -163,6 +170,7 @@ def error_from_payload(payload: dict[str, Any], status_code: int) -> RealmError:
         cls = {
             400: InvalidRequestError,
             401: AuthenticationError,
+            403: PermissionDeniedError,
             404: ModelNotFoundError,
             422: InvalidRequestError,
             429: RateLimitError,

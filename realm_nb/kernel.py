@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,12 +44,24 @@ class _Done:
         self.error = error
 
 
+class _Progress:
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
 class GenerationStream:
     """Text pieces of a running generation; iterate it, or call `result()`.
 
     Closing it, `cancel()`, or Ctrl-C while waiting stops the generation; the partial text is
-    kept in `.generation` with finish_reason "cancelled".
+    kept in `.generation` with finish_reason "cancelled". Before the first piece, a cold start
+    reports what it is doing (`{"stage": "loading", "done": i, "total": n}`, then
+    `{"stage": "compiling"}`) to `on_progress`, called in the consumer's thread while it iterates.
     """
+
+    on_progress: ProgressFn | None = None
 
     def __init__(self, request_id: str, tenant: str, model: str) -> None:
         self.request_id = request_id
@@ -58,12 +70,15 @@ class GenerationStream:
         self.generation: Generation | None = None
         self.error: BaseException | None = None
         self.cancel_event = threading.Event()
-        self._queue: queue.Queue[str | _Done] = queue.Queue()
+        self._queue: queue.Queue[str | _Done | _Progress] = queue.Queue()
         self._finished = threading.Event()
 
     # producer side
     def _put(self, piece: str) -> None:
         self._queue.put(piece)
+
+    def _progress(self, event: dict[str, Any]) -> None:
+        self._queue.put(_Progress(event))
 
     def _finish(self, generation: Generation | None, error: BaseException | None) -> None:
         self.generation, self.error = generation, error
@@ -91,6 +106,10 @@ class GenerationStream:
                     if item.error is not None:
                         raise item.error
                     return
+                if isinstance(item, _Progress):
+                    if self.on_progress is not None:
+                        self.on_progress(item.event)
+                    continue
                 yield item
         except (KeyboardInterrupt, GeneratorExit):
             self.cancel()
@@ -346,6 +365,7 @@ class RealmKernel:
         error: BaseException | None = None
         finish: FinishReason = "stop"
         try:
+            self._warm(entry, stream)
             seq = sched.open(stream.tenant, stream.cancel_event.is_set)
             host = RequestHost(store=self.store, entry=entry, scheduler=sched, seq=seq,
                                prompt_ids=prompt_ids, params=params, logprobs=logprobs,
@@ -392,6 +412,22 @@ class RealmKernel:
                 if finish == "cancelled":
                     self.counters["cancelled"] += 1
         stream._finish(generation, error)
+
+    def _warm(self, entry: ModelEntry, stream: GenerationStream) -> None:
+        """Make the model resident, reporting layers to the stream; say when jit compiles next."""
+        if not entry.loaded:
+            def loading(done: int, total: int) -> None:
+                if stream.cancel_event.is_set():
+                    raise Cancelled("the request was cancelled while its model was loading")
+                stream._progress({"stage": "loading", "model": entry.name, "done": done,
+                                  "total": total})
+
+            stream._progress({"stage": "loading", "model": entry.name, "done": 0,
+                              "total": entry.n_layers})
+            self.store.ensure_resident(entry, progress=loading)
+        engine = entry.engine
+        if engine is not None and engine.steps == 0:
+            stream._progress({"stage": "compiling", "model": entry.name})
 
     def _generation(self, stream: GenerationStream, entry: ModelEntry, prompt: str | list[int],
                     prompt_ids: list[int], params: SamplingParams, seed: int,

@@ -160,8 +160,9 @@ class RealmOutput:
     """What a `%%realm generate` cell shows: the text so far, then the result in its format."""
 
     def __init__(self, text: str = "", fmt: str = "text", meta: dict[str, Any] | None = None,
-                 live: bool = True) -> None:
+                 live: bool = True, status: bool = False) -> None:
         self.text, self.fmt, self.meta, self.live = text, fmt, meta or {}, live
+        self.status = status  # a progress line, not generated text
 
     def footer(self) -> str:
         m = self.meta
@@ -176,6 +177,11 @@ class RealmOutput:
 
     def _repr_mimebundle_(self, include: Any = None,
                           exclude: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
+        if self.status:
+            line = html.escape(self.text)
+            return ({"text/plain": self.text,
+                     "text/html": f'<div class="realm-progress" style="opacity:.7">{line}</div>'},
+                    {})
         data = {"text/plain": self.text}
         foot = f'<div class="realm-footer" style="opacity:.6;font-size:85%">' \
                f"{html.escape(self.footer())}</div>" if self.meta else ""
@@ -213,6 +219,30 @@ class _LiveCell:
         self.terminal = type(shell.display_pub) is DisplayPublisher
         self.handle: Any = None
         self.last = 0.0
+
+    def progress(self, line: str, terminal: bool = True) -> None:
+        """Show a status line (cold start: loading layers, compiling) until text comes."""
+        if self.terminal:
+            if line and terminal:
+                sys.stderr.write(line + "\n")
+            return
+        self._show(RealmOutput(line, "text", live=False, status=True))
+
+    def on_progress(self, event: dict[str, Any]) -> None:
+        """A cold-start event of the stream → the status line."""
+        if self.text:
+            return
+        stage, model = event.get("stage"), event.get("model", "")
+        if stage == "loading":
+            line = f"realm-nb: loading {model}: layer {event.get('done')}/{event.get('total')}"
+        elif stage == "compiling":
+            line = f"realm-nb: compiling {model} for this machine (first use)…"
+        else:
+            line = f"realm-nb: {stage}…"
+        now = time.monotonic()
+        if now - self.last >= UPDATE_INTERVAL_S or stage != "loading":
+            self.last = now
+            self.progress(line)
 
     def append(self, piece: str) -> None:
         self.text += piece
@@ -265,7 +295,8 @@ class RealmMagics(Magics):
     max_tokens = Int(128, help="tokens generated when -n is not given").tag(config=True)
     temperature = Float(0.8, help="temperature when -t is not given (0 = greedy)").tag(
         config=True)
-    tenant = Unicode("default", help="tenant id of this notebook's requests").tag(config=True)
+    tenant = Unicode("", help="tenant id of this notebook's requests (default: the notebook's "
+                     "path in Jupyter, else 'default')").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -275,7 +306,8 @@ class RealmMagics(Magics):
 
     @property
     def client(self) -> Any:
-        """The `Realm` every verb uses, made on first use (this is when JAX loads)."""
+        """The `Realm` every verb uses, made on first use: the runtime this kernel finds (the
+        Jupyter server's shared one), else in-process (only then does JAX load here)."""
         if self._realm is None:
             from .sdk import Realm
 
@@ -283,11 +315,20 @@ class RealmMagics(Magics):
                 if self._endpoint:
                     self._realm = Realm(mode="server", endpoint=self._endpoint,
                                         api_key=self._api_key, default_model=self.default_model,
-                                        tenant=self.tenant)
+                                        tenant=self.tenant or None)
                 else:
-                    self._realm = Realm(mode="local", default_model=self.default_model,
-                                        tenant=self.tenant)
+                    self._realm = Realm(mode="auto", default_model=self.default_model,
+                                        tenant=self.tenant or None)
         return self._realm
+
+    def where(self) -> str:
+        """Where this notebook's requests run, for humans (never shows a key)."""
+        realm = self.client
+        if realm.mode == "local":
+            return "in this kernel"
+        if realm.runtime is not None and realm.runtime.names_tenants:
+            return f"the shared runtime of this Jupyter server ({realm.endpoint})"
+        return f"the server at {realm.endpoint}"
 
     @line_cell_magic
     def realm(self, line: str, cell: str | None = None) -> Any:
@@ -373,22 +414,27 @@ class RealmMagics(Magics):
     def handle_disconnect(self, args: argparse.Namespace) -> None:
         if not self._endpoint:
             raise UsageError("%realm disconnect: not connected to a server")
-        print(f"disconnected from {self._endpoint}; using this kernel")
         self._realm, self._endpoint, self._api_key = None, None, None
+        print(f"disconnected; now using {self.where()}")
 
     def handle_status(self, args: argparse.Namespace) -> None:
         with _user_errors():
             stats = self.client.stats()
-        where = self._endpoint or "this kernel"
         requests = stats.get("requests", {})
-        print(f"realm-nb: {self.client.mode} mode ({where}), default model {self.default_model}, "
-              f"tenant {self.tenant}")
+        print(f"realm-nb: {self.client.mode} mode, {self.where()}; default model "
+              f"{self.default_model}, tenant {self.client.tenant}")
         store = stats.get("store", {})
         if store:
             print("  store: " + ", ".join(f"{k} {v}" for k, v in store.items()
                                           if not isinstance(v, (list, dict))))
-        print(f"  tenants: {len(stats.get('tenants', []))}, running requests: "
-              f"{stats.get('running', 0)}, requests: {requests}")
+        tenants = stats.get("tenants", [])
+        print(f"  tenants: {len(tenants)}, running requests: {stats.get('running', 0)}, "
+              f"requests: {requests}")
+        for t in tenants:
+            mark = "*" if t.get("id") == self.client.tenant else " "
+            print(f"  {mark} {t.get('id')}: {t.get('state')}, {t.get('guests')} guest(s), "
+                  f"{t.get('requests')} request(s), {t.get('tokens')} tokens, fuel "
+                  f"{t.get('fuel_used')}, memory {int(t.get('memory_bytes', 0)) // 1024} KiB")
 
     def handle_panel(self, args: argparse.Namespace) -> Any:
         from .widget import RealmPanel
@@ -407,14 +453,25 @@ class RealmMagics(Magics):
             raise UsageError(f"%%realm generate: -o {args.output!r} is not a Python name")
         model = args.model or self.default_model
         sampling = self._sampling(args)
-        realm = self.client
-        with _user_errors():
-            if args.chat:
-                stream = realm.chat([{"role": "user", "content": prompt}], model=model,
-                                    stream=True, **sampling)
-            else:
-                stream = realm.generate(prompt, model=model, stream=True, **sampling)
         cell_out = _LiveCell(shell, args.format)
+        # At once, in the cell: a cold start (runtime, model file, layers, compiles) takes seconds.
+        cell_out.progress(f"realm-nb: starting {model}…", terminal=False)
+        realm = self.client
+        try:
+            with _user_errors():
+                if args.chat:
+                    stream = realm.chat([{"role": "user", "content": prompt}], model=model,
+                                        stream=True, on_progress=cell_out.on_progress,
+                                        **sampling)
+                else:
+                    stream = realm.generate(prompt, model=model, stream=True,
+                                            on_progress=cell_out.on_progress, **sampling)
+        except KeyboardInterrupt:  # before the request started: nothing runs on after this
+            cell_out.progress("realm-nb: interrupted before the first token; nothing generated")
+            return
+        except BaseException:
+            cell_out.progress("", terminal=False)
+            raise
         try:
             with _user_errors():
                 if not args.no_stream:

@@ -3,7 +3,10 @@
 - local: the in-process `RealmKernel` (shared by every local `Realm` of the process, so tenants
   on one model share one copy of the weights);
 - server: a realm-nb server over HTTP (`realm_nb.client.HttpBackend`);
-- auto: server when an endpoint is given or REALM_ENDPOINT is set, else local.
+- auto (the default): the runtime this process can find (`runtime.find_runtime`: an endpoint
+  given or in REALM_NB_ENDPOINT, the runtime of the Jupyter server that started this kernel, ...),
+  else local. In a notebook of a Jupyter server with realm-nb installed that is the server's
+  shared runtime: the kernel imports neither JAX nor wasmtime, and the notebook is its own tenant.
 
 Both backends return the same types (`Generation`, `ModelInfo`, a stream of text pieces) and raise
 the same `RealmError` classes.
@@ -12,11 +15,12 @@ the same `RealmError` classes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol
 
 from .catalogue import DEFAULT_MODEL
 from .errors import InvalidRequestError
+from .runtime import API_KEY_ENVS, DEFAULT_TENANT, env_value, find_runtime, notebook_tenant
 from .types import Generation, ModelInfo, SamplingParams
 
 Mode = Literal["local", "server", "auto"]
@@ -24,10 +28,14 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat
                  "repeat_window", "seed", "stop")
 
 
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
 class Stream(Protocol):
     """A running generation: iterate for text pieces; `.generation` once done."""
 
     generation: Generation | None
+    on_progress: ProgressFn | None
 
     def __iter__(self) -> Iterator[str]: ...
     def cancel(self) -> None: ...
@@ -90,20 +98,28 @@ class Realm:
 
     def __init__(self, mode: Mode = "auto", *, default_model: str | None = None,
                  endpoint: str | None = None, api_key: str | None = None,
-                 tenant: str = "default", weights: str | None = None,
+                 tenant: str | None = None, weights: str | None = None,
                  timeout: float = 600.0) -> None:
+        """tenant: this client's tenant; default the notebook's path in Jupyter, else
+        "default". On a server with keys, a plain key acts as its own tenant only."""
         if mode not in ("local", "server", "auto"):
             raise InvalidRequestError(f"mode={mode!r}: choose 'local', 'server' or 'auto'",
                                       param="mode")
-        endpoint = endpoint or os.environ.get("REALM_ENDPOINT") or None
-        if mode == "auto":
-            mode = "server" if endpoint else "local"
         if weights is not None:
             from .weights import check_layout
 
             check_layout(weights)
+        found = None
+        if endpoint is None and mode != "local":
+            found = find_runtime()
+            if found is not None:
+                endpoint = found.url
+                api_key = api_key or found.api_key
+        if mode == "auto":
+            mode = "server" if endpoint else "local"
         self.mode: Mode = mode
-        self.tenant = tenant
+        self.runtime = found
+        self.tenant = tenant or notebook_tenant() or DEFAULT_TENANT
         self.weights = weights
         self.endpoint = endpoint
         self.model = default_model or os.environ.get("REALM_MODEL") or DEFAULT_MODEL
@@ -112,16 +128,20 @@ class Realm:
         if mode == "server":
             if not endpoint:
                 raise InvalidRequestError(
-                    "mode='server' needs endpoint='http://host:port' (or REALM_ENDPOINT)",
+                    "mode='server' needs endpoint='http://host:port' (or REALM_NB_ENDPOINT)",
                     param="endpoint")
             from .client import HttpBackend
 
-            self._backend = HttpBackend(endpoint, api_key=api_key or os.environ.get(
-                "REALM_API_KEY"), timeout=timeout)
+            # Name the tenant only when it is not simply the key's: a plain key may not
+            # act as another tenant, a runtime's key (or a server without keys) may.
+            named = self.tenant if (tenant is not None or self.tenant != DEFAULT_TENANT) \
+                else None
+            self._backend = HttpBackend(endpoint, api_key=api_key or env_value(API_KEY_ENVS),
+                                        timeout=timeout, tenant=named)
         else:
             self._backend = LocalBackend()
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # never shows the key
         where = self.endpoint if self.mode == "server" else "this process"
         return f"Realm(mode={self.mode!r}, model={self.model!r}, tenant={self.tenant!r}, {where})"
 
@@ -148,24 +168,32 @@ class Realm:
 
     def generate(self, prompt: str | list[int], model: str | None = None, stream: bool = False,
                  *, echo: bool = False, logprobs: int | None = None,
+                 on_progress: ProgressFn | None = None,
                  **sampling: Any) -> Generation | Stream:
-        """Complete `prompt` (text or token ids). stream=True returns an iterator of pieces."""
+        """Complete `prompt` (text or token ids). stream=True returns an iterator of pieces.
+
+        on_progress: called with cold-start events before the first piece
+        (`{"stage": "loading", "done": i, "total": n}`, `{"stage": "compiling"}`).
+        """
         params = _params(sampling)
         s = self._backend.generate(tenant=self.tenant, model=model or self.model, prompt=prompt,
                                    params=params, echo=echo, logprobs=logprobs,
                                    weights=self.weights)
-        return self._finish(s, stream)
+        return self._finish(s, stream, on_progress)
 
     def chat(self, messages: list[dict[str, Any]], model: str | None = None,
              stream: bool = False, *, logprobs: int | None = None,
+             on_progress: ProgressFn | None = None,
              **sampling: Any) -> Generation | Stream:
         """Reply to a conversation, formatted with the model's own chat template."""
         params = _params(sampling)
         s = self._backend.chat(tenant=self.tenant, model=model or self.model, messages=messages,
                                params=params, logprobs=logprobs, weights=self.weights)
-        return self._finish(s, stream)
+        return self._finish(s, stream, on_progress)
 
-    def _finish(self, s: Stream, stream: bool) -> Generation | Stream:
+    def _finish(self, s: Stream, stream: bool,
+                on_progress: ProgressFn | None) -> Generation | Stream:
+        s.on_progress = on_progress
         if stream:
             self._streams = [x for x in self._streams if x.generation is None]
             self._streams.append(s)

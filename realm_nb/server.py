@@ -82,7 +82,8 @@ class _Pump:
         self.stream = stream
         self.on_done = on_done
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[str | _End] = asyncio.Queue()
+        self.queue: asyncio.Queue[str | _End | dict[str, Any]] = asyncio.Queue()
+        stream.on_progress = self._post  # cold-start events (dicts), before the first piece
         threading.Thread(target=self._run, name=f"realm-http-{stream.request_id}",
                          daemon=True).start()
 
@@ -98,12 +99,13 @@ class _Pump:
             self.on_done(end.generation)
         self._post(end)
 
-    def _post(self, item: str | _End) -> None:
+    def _post(self, item: str | _End | dict[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    async def events(self) -> AsyncIterator[str | _End]:
-        """Pieces, then one _End. If the consumer stops early, the generation is cancelled."""
+    async def events(self) -> AsyncIterator[str | _End | dict[str, Any]]:
+        """Pieces (and progress dicts), then one _End. If the consumer stops early, the
+        generation is cancelled."""
         try:
             while True:
                 item = await self.queue.get()
@@ -122,6 +124,8 @@ class _Pump:
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         self.stream.cancel()
+                    continue
+                if isinstance(item, dict):
                     continue
                 if isinstance(item, _End):
                     if item.error is not None:
@@ -165,6 +169,8 @@ async def _openai_events(pump: _Pump, *, first: dict[str, Any] | None,
     if first is not None:
         yield _sse(first)
     async for item in pump.events():
+        if isinstance(item, dict):  # progress: realm's own stream shows it, OpenAI's has no place
+            continue
         if isinstance(item, str):
             yield _sse(piece(item))
         elif item.error is not None:
@@ -404,7 +410,9 @@ def create_app(kernel: RealmKernel, *, api_keys: dict[str, KeyConfig] | None = N
         async def events() -> AsyncIterator[str]:
             yield _sse({"request_id": rid, "model": pump.stream.model})
             async for item in pump.events():
-                if isinstance(item, str):
+                if isinstance(item, dict):
+                    yield _sse({"progress": item})
+                elif isinstance(item, str):
                     yield _sse({"text": item})
                 elif item.error is not None:
                     yield _sse(_error_payload(item.error))
@@ -434,9 +442,13 @@ def create_app(kernel: RealmKernel, *, api_keys: dict[str, KeyConfig] | None = N
         return {"cancelled": kernel.cancel(tenant)}
 
     @app.get("/v1/stats", tags=["realm"])
-    async def tenant_stats(tenant: str = Depends(tenant_dep)) -> dict[str, Any]:
+    async def tenant_stats(request: Request,
+                           tenant: str = Depends(tenant_dep)) -> dict[str, Any]:
+        """This tenant's counters; every tenant's for a caller that speaks for many (the
+        runtime a Jupyter server owns, or a server without keys)."""
         stats = kernel.stats()
-        own = [t for t in stats["tenants"] if t["id"] == tenant]
+        sees_all = bool(request.scope.get("state", {}).get("sees_all_tenants"))
+        own = [t for t in stats["tenants"] if sees_all or t["id"] == tenant]
         return {"tenant": tenant, "tenants": own, "store": stats["store"],
                 "schedulers": stats["schedulers"], "requests": stats["requests"],
                 "running": len(kernel.running(tenant))}
@@ -455,23 +467,57 @@ def serve_from_args(args: argparse.Namespace) -> int:
     from .kernel import RealmKernel
 
     weights = getattr(args, "weights", None)
+    keys = load_keys(args.api_keys) if args.api_keys else None  # a bad file fails before loading
     kernel = RealmKernel.shared()
     names = []
     for source in args.models or [catalogue.DEFAULT_MODEL]:
         entry = kernel.store.register(source, layout=weights)
-        with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer",
-                  file=sys.stderr) as bar:
-            kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
+        if not args.lazy:
+            with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer",
+                      file=sys.stderr) as bar:
+                kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
         names.append(entry.name)
-    keys = load_keys(args.api_keys) if args.api_keys else None
     dirs = [Path(d) for d in (args.models_dir or [])]
     app = create_app(kernel, api_keys=keys, models_dirs=dirs, default_model=names[0])
+    if args.fd is not None:  # a listening socket handed down by the Jupyter server extension
+        sock = socket.socket(fileno=args.fd)
+        host, port = sock.getsockname()[:2]
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        host, port = args.host, sock.getsockname()[1]
     who = (f"{len(keys)} API key(s), tenants {sorted({k.tenant for k in keys.values()})}"
            if keys else "no API keys (one default tenant)")
-    print(f"realm-nb: serving {', '.join(names)} at http://{args.host}:{args.port}/v1 "
-          f"({who}); docs at http://{args.host}:{args.port}/docs", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(f"realm-nb: serving {', '.join(names)} at http://{host}:{port}/v1 "
+          f"({who}); docs at http://{host}:{port}/docs", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    if args.parent_pid is not None:
+        _exit_with_parent(args.parent_pid, server)
+    server.run(sockets=[sock])
     return 0
+
+
+def _exit_with_parent(parent_pid: int, server: Any) -> None:
+    """Stop serving when the owner process is gone, so a runtime never outlives its Jupyter
+    server (a SIGKILLed owner runs no cleanup; on Linux PR_SET_PDEATHSIG covers that too)."""
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):  # PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        server.should_exit = True
+        time.sleep(10)  # a graceful stop that hangs still ends
+        os._exit(0)
+
+    threading.Thread(target=watch, name="realm-parent-watch", daemon=True).start()
 
 
 class BackgroundServer:

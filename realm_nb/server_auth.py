@@ -5,6 +5,11 @@ of streaming and of disconnect detection). On every `/v1/...` request it finds t
 bearer key (401 when keys are configured and the key is missing or wrong), takes one token from
 that key's bucket (429 with Retry-After when empty) and puts the tenant into
 `scope["state"]["tenant"]`. On every request it counts the status and observes the latency.
+
+A key with `name_tenants = true` speaks for many tenants: the request names its tenant in the
+`X-Realm-Tenant` header. That is how the runtime a Jupyter server owns serves every notebook kernel
+with one secret, each notebook its own tenant. A server without keys (loopback, one user) also
+takes the header. Such callers also see every tenant in `/v1/stats`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ from pathlib import Path
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import AuthenticationError, InvalidRequestError, RateLimitError, RealmError
+from .errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RateLimitError,
+    RealmError,
+)
+from .runtime import DEFAULT_TENANT, MAX_TENANT_CHARS
 from .server_metrics import ServerMetrics
 
-DEFAULT_TENANT = "default"
+TENANT_HEADER = b"x-realm-tenant"
 log = logging.getLogger("realm_nb.server")
 
 
@@ -34,6 +46,7 @@ class KeyConfig:
     tenant: str
     rate: float | None = None  # None: no limit
     burst: int = 10
+    name_tenants: bool = False  # may act as any tenant named in X-Realm-Tenant
 
 
 def load_keys(path: str | Path) -> dict[str, KeyConfig]:
@@ -72,8 +85,12 @@ def load_keys(path: str | Path) -> dict[str, KeyConfig]:
         if not isinstance(burst, int) or burst < 1:
             raise InvalidRequestError(f"key {key[:6]}...: burst={burst!r} must be an integer "
                                       ">= 1", param="burst")
+        name_tenants = spec.get("name_tenants", False)
+        if not isinstance(name_tenants, bool):
+            raise InvalidRequestError(f"key {key[:6]}...: name_tenants={name_tenants!r} must be "
+                                      "true or false", param="name_tenants")
         keys[key] = KeyConfig(tenant=tenant, rate=None if rate is None else float(rate),
-                              burst=burst)
+                              burst=burst, name_tenants=name_tenants)
     return keys
 
 
@@ -99,6 +116,22 @@ class TokenBucket:
             return (1 - self.tokens) / self.rate
 
 
+def named_tenant(headers: dict[bytes, bytes]) -> str | None:
+    """The tenant a request names in X-Realm-Tenant (None when absent); checked for shape."""
+    raw = headers.get(TENANT_HEADER)
+    if raw is None:
+        return None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not name or len(name) > MAX_TENANT_CHARS or not name.isprintable():
+        raise InvalidRequestError(
+            f"X-Realm-Tenant={raw[:40]!r}: a tenant name is 1..{MAX_TENANT_CHARS} printable "
+            "characters (e.g. the notebook's path)", param="X-Realm-Tenant")
+    return name
+
+
 def bearer_key(headers: dict[bytes, bytes]) -> str | None:
     auth = headers.get(b"authorization", b"").decode("latin-1").strip()
     if auth.lower().startswith("bearer "):
@@ -118,11 +151,14 @@ class GateMiddleware:
         self.buckets = {k: TokenBucket(c.rate, c.burst) for k, c in self.keys.items()
                         if c.rate is not None}
 
-    def tenant_of(self, scope: Scope) -> str:
-        """The tenant of this request's key; raises AuthenticationError / RateLimitError."""
+    def tenant_of(self, scope: Scope) -> tuple[str, bool]:
+        """(tenant, sees all tenants) of this request; raises AuthenticationError,
+        PermissionDeniedError (a plain key naming another tenant) or RateLimitError."""
+        headers = dict(scope.get("headers") or [])
+        named = named_tenant(headers)
         if not self.keys:
-            return DEFAULT_TENANT
-        given = bearer_key(dict(scope.get("headers") or []))
+            return named or DEFAULT_TENANT, True
+        given = bearer_key(headers)
         found = None
         if given is not None:
             for key in self.keys:  # constant-time compare against every key
@@ -139,7 +175,15 @@ class GateMiddleware:
                 raise RateLimitError(
                     f"rate limit of {bucket.rate:g} requests/s (burst {bucket.burst}) reached "
                     f"for this key; retry in {wait:.2f} s", retry_after=wait)
-        return self.keys[found].tenant
+        config = self.keys[found]
+        if named is None or named == config.tenant:
+            return config.tenant, config.name_tenants
+        if not config.name_tenants:
+            raise PermissionDeniedError(
+                f"this API key acts as tenant {config.tenant!r} and may not act as "
+                f"{named!r}; drop the X-Realm-Tenant header, or use a key with "
+                "name_tenants = true", param="X-Realm-Tenant")
+        return named, True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,11 +203,12 @@ class GateMiddleware:
         try:
             if scope["path"].startswith("/v1/"):
                 try:
-                    tenant = self.tenant_of(scope)
+                    tenant, sees_all = self.tenant_of(scope)
                 except RealmError as e:
                     await error_response(e)(scope, receive, send_wrapper)
                     return
-                scope.setdefault("state", {})["tenant"] = tenant
+                state = scope.setdefault("state", {})
+                state["tenant"], state["sees_all_tenants"] = tenant, sees_all
             try:
                 await self.app(scope, receive, send_wrapper)
             except Exception as e:

@@ -216,9 +216,19 @@ def test_streaming_updates_one_handle_at_most_ten_times_a_second(ip):
     assert all(o.update for o in cap.outputs[1:]), "later outputs update the same handle"
 
 
-def test_no_stream_renders_once(ip):
+def test_no_stream_renders_the_text_once(ip):
     cap = gen(ip, "-n 8 --seed 5 --no-stream", "Hello")
-    assert len(cap.outputs) == 1
+    outputs = cap.outputs
+    texts = [i for i, o in enumerate(outputs) if "realm-progress" not in o.data["text/html"]]
+    assert texts == [len(outputs) - 1], "status lines, then the text once, at the end"
+
+
+def test_a_status_line_shows_before_the_first_token(ip):
+    cap = gen(ip, "-n 2 --seed 5", "Hello")
+    first = cap.outputs[0]
+    assert "realm-progress" in first.data["text/html"]
+    assert first.data["text/plain"].startswith("realm-nb: starting ")
+    assert all(o.update for o in cap.outputs[1:]), "the text replaces the status line"
 
 
 def test_interpolation_fills_names_and_keeps_other_braces(ip):

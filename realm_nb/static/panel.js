@@ -2,9 +2,11 @@
 //
 // State is synced traits: every control writes its trait on input, and the view listens to
 // change:<trait> for every trait it shows. Actions are custom messages {id, action, ...}; the
-// kernel answers each with {id, ok, error?}, and an unanswered request times out in the panel.
+// kernel answers each with {id, ok, error?}. A kernel busy running another cell of the notebook
+// answers only when that cell ends: meanwhile the panel says it is waiting for the kernel (the
+// request is queued, not lost), and never reports a failure for a late reply.
 
-const TIMEOUT_MS = { generate: 30000, stop: 30000, refresh: 30000, load: 300000 };
+const BUSY_HINT_MS = 1000;
 
 function h(tag, attrs = {}, children = []) {
   const node = document.createElement(tag);
@@ -28,11 +30,13 @@ function render({ model, el }) {
     const id = `${action}-${Date.now().toString(36)}-${nextId++}`;
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
-        pending.delete(id);
-        resolve({ id, ok: false, error: `no reply from the kernel to "${action}"` });
-      }, TIMEOUT_MS[action] ?? 30000);
+        waiting.textContent = `waiting for the kernel: it is busy running another cell; ` +
+          `"${action}" runs when it is free`;
+        waiting.hidden = false;
+      }, BUSY_HINT_MS);
       pending.set(id, (reply) => {
         clearTimeout(timer);
+        if (![...pending.keys()].some((other) => other !== id)) waiting.hidden = true;
         resolve(reply);
       });
       model.send({ id, action, ...extra });
@@ -80,6 +84,8 @@ function render({ model, el }) {
   const tokens = h("span", { class: "realm-tokens", "data-testid": "realm-tokens" });
   const speed = h("span", { class: "realm-tok-s", "data-testid": "realm-tok-s" });
   const error = h("div", { class: "realm-error", "data-testid": "realm-error" });
+  const waiting = h("div", { class: "realm-waiting", "data-testid": "realm-waiting" });
+  waiting.hidden = true;
 
   const root = h("div", { class: "realm-panel" }, [
     h("div", { class: "realm-row" }, [labelled("Model", picker), refresh]),
@@ -90,6 +96,7 @@ function render({ model, el }) {
       labelled("Top-p", topP), labelled("Seed", seed), labelled("Chat", chat),
     ]),
     h("div", { class: "realm-row" }, [generate, stop, status, tokens, speed]),
+    waiting,
     output,
     error,
   ]);
