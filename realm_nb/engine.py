@@ -1,10 +1,17 @@
 """The only jit boundaries: `prefill` (one sequence, a chunk of tokens) and `decode_step`
-(one new token for each of B sequences at once), over a KV cache of S slots that the engine owns
-and donates to every call so XLA updates it in place.
+(one new token for each of B sequences at once), over a paged KV cache of S slots that the engine
+owns and donates to every call so XLA updates it in place.
+
+The engine keeps the page bookkeeping (kvcache.PageAllocator) host-side: before each call it
+takes the pages the new positions need, grows the device pool when the allocator did, and passes
+the pages to write (page_ids, offsets [B, T]) and to read (table_rows [B, t_ctx / PAGE]).
+`release(slot)` hands a finished sequence's pages back; the last release shrinks the pool to its
+initial size.
 
 Shapes are bucketed so jit compiles a few programs only: prompt chunks pad to PREFILL_BUCKETS,
-decode batches pad to DECODE_BUCKETS (padding rows write to a scratch slot nobody owns), and
-attention reads the first t_ctx cached positions, t_ctx a power of two (>= 128).
+decode batches pad to DECODE_BUCKETS (padding rows belong to a scratch slot whose table points at
+the scratch page), attention reads the first t_ctx cached positions, t_ctx a power of two
+(>= 128), and the pool holds a power of two of pages.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidRequestError
-from .model import KVCache, forward
+from .kvcache import INITIAL_PAGES, PAGE, KVCache, PageAllocator, grow_pool, shrink_pool
+from .model import forward
 from .weights import ModelWeights
 
 PREFILL_BUCKETS = (16, 64, 256)
@@ -28,12 +36,12 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_CTX_BUCKET = 128
 
 
-@partial(jax.jit, static_argnames=("cfg", "t_ctx", "all_logits"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
 def _step(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-          slots: jax.Array, last_index: jax.Array, *, cfg: ModelConfig, t_ctx: int,
-          all_logits: bool) -> tuple[jax.Array, KVCache]:
-    return forward(params, cache, tokens, positions, slots, last_index, cfg=cfg, t_ctx=t_ctx,
-                   all_logits=all_logits)
+          page_ids: jax.Array, offsets: jax.Array, table_rows: jax.Array, last_index: jax.Array,
+          *, cfg: ModelConfig, all_logits: bool) -> tuple[jax.Array, KVCache]:
+    return forward(params, cache, tokens, positions, page_ids, offsets, table_rows, last_index,
+                   cfg=cfg, all_logits=all_logits)
 
 
 def enable_compilation_cache() -> None:
@@ -57,10 +65,15 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 class Engine:
-    """Runs one model's weights over its own KV cache. Thread-safe (calls are serialized)."""
+    """Runs one model's weights over its own paged KV cache. Thread-safe (calls are serialized).
+
+    kv_dtype: storage dtype of the cache (kvcache.kv_dtype_for(layout): f32 for `exact`, f16 for
+    `fast`). kv_initial_pages: pool size when idle (a power of two; page 0 is scratch).
+    """
 
     def __init__(self, cfg: ModelConfig, params: ModelWeights, *, n_slots: int = 8,
-                 max_context: int = 2048) -> None:
+                 max_context: int = 2048, kv_dtype: np.dtype | str = "float32",
+                 kv_initial_pages: int = INITIAL_PAGES) -> None:
         if n_slots < 1 or n_slots > DECODE_BUCKETS[-1]:
             raise InvalidRequestError(
                 f"n_slots={n_slots}: must be in 1..{DECODE_BUCKETS[-1]}", param="n_slots")
@@ -68,22 +81,37 @@ class Engine:
         self.cfg = cfg
         self.params = params
         self.n_slots = n_slots
-        self.scratch_slot = n_slots  # padding rows of a batch write here
+        self.scratch_slot = n_slots  # padding rows of a batch belong here
         self.max_context = min(max_context, cfg.context_length)
-        self.t_max = self.max_context + PREFILL_BUCKETS[-1]
-        self.cache = KVCache.zeros(cfg, n_slots + 1, self.t_max)
+        self.t_max = self._ctx_bucket(self.max_context)  # the widest window attention reads
+        self.pages = PageAllocator(n_slots, self.t_max // PAGE, initial_pages=kv_initial_pages)
+        self.cache = KVCache.zeros(cfg, self.pages.n_pages, np.dtype(kv_dtype))
         self._lock = threading.Lock()
         self.steps = 0
 
     @property
     def cache_bytes(self) -> int:
-        return int(self.cache.k.nbytes) + int(self.cache.v.nbytes)
+        """Bytes of the KV pool as it is now (it grows and shrinks with the sequences)."""
+        return self.cache.nbytes
 
-    def _ctx_bucket(self, n_positions: int) -> int:
+    def kv_stats(self) -> dict[str, int | str]:
+        with self._lock:
+            return {**self.pages.stats(), "bytes": self.cache.nbytes,
+                    "dtype": str(self.cache.dtype)}
+
+    def release(self, slot: int) -> None:
+        """The sequence in `slot` ended: its pages go back (the last one out shrinks the pool)."""
+        with self._lock:
+            self.pages.release(slot)
+            if self.pages.n_pages < self.cache.n_pages:
+                self.cache = shrink_pool(self.cache, self.pages.n_pages)
+
+    @staticmethod
+    def _ctx_bucket(n_positions: int) -> int:
         c = MIN_CTX_BUCKET
         while c < n_positions:
             c *= 2
-        return min(c, self.t_max)
+        return c
 
     def check_room(self, start: int, n_new: int) -> None:
         if start + n_new > self.max_context:
@@ -113,7 +141,8 @@ class Engine:
             padded = np.zeros((1, t_b), np.int32)
             padded[0, :m] = chunk
             positions = (pos0 + np.arange(t_b, dtype=np.int32))[None, :]
-            logits = self._run(padded, positions, np.array([slot], np.int32),
+            real = (np.arange(t_b) < m)[None, :]
+            logits = self._run(padded, positions, real, np.array([slot], np.int32),
                                np.array([m - 1], np.int32), self._ctx_bucket(pos0 + m),
                                all_logits)
             outs.append(logits[0, :m] if all_logits else logits[0])
@@ -133,15 +162,22 @@ class Engine:
         tok[:b, 0] = tokens
         pos[:b, 0] = positions
         slot_ids[:b] = slots
-        logits = self._run(tok, pos, slot_ids, np.zeros((rows,), np.int32),
+        real = (np.arange(rows) < b)[:, None]
+        logits = self._run(tok, pos, real, slot_ids, np.zeros((rows,), np.int32),
                            self._ctx_bucket(max(positions) + 1), False)
         return logits[:b]
 
-    def _run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-             last_index: np.ndarray, t_ctx: int, all_logits: bool) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, real: np.ndarray,
+             slots: np.ndarray, last_index: np.ndarray, t_ctx: int,
+             all_logits: bool) -> np.ndarray:
+        """One jitted step. tokens, positions, real [B, T]; slots, last_index [B]."""
         with self._lock:
-            logits, self.cache = _step(self.params, self.cache, tokens, positions, slots,
-                                       last_index, cfg=self.cfg, t_ctx=t_ctx,
+            page_ids, offsets = self.pages.locate(slots, positions, real)
+            if self.pages.n_pages > self.cache.n_pages:
+                self.cache = grow_pool(self.cache, self.pages.n_pages)
+            table_rows = self.pages.table_rows(slots, t_ctx)  # [B, t_ctx / PAGE]
+            logits, self.cache = _step(self.params, self.cache, tokens, positions, page_ids,
+                                       offsets, table_rows, last_index, cfg=self.cfg,
                                        all_logits=all_logits)
             self.steps += 1
             return np.asarray(logits)

@@ -2,34 +2,23 @@
 SwiGLU) → RMSNorm → head. Pure functions; `engine.py` holds the only jit boundaries.
 
 Glossary: B batch rows, T new tokens per row, S cache slots, C cached positions (t_ctx), D width,
-H query heads, G kv heads, R = H / G query heads per kv head, K head dim, F ffn, V vocab, L layers.
+H query heads, G kv heads, R = H / G query heads per kv head, K head dim, F ffn, V vocab, L layers,
+P pages of the KV pool, N = C / PAGE pages a row reads.
 
-The KV cache is carried whole through `lax.scan` and updated in place (with the cache donated by
-the caller): passing per-layer slices made XLA copy the cache every call (FACTS.md).
+The KV cache is a pool of pages (kvcache.py); the engine says where each new token goes
+(page_ids, offsets) and which pages each row reads (table_rows). The pool is carried whole through
+`lax.scan` and updated in place (with the cache donated by the caller): passing per-layer slices
+made XLA copy the cache every call (FACTS.md).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .kvcache import KVCache
 from .weights import LayerWeights, ModelWeights, embed_rows, linear
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class KVCache:
-    k: jax.Array  # [L, S, Tmax, G, K] f32
-    v: jax.Array  # [L, S, Tmax, G, K] f32
-
-    @staticmethod
-    def zeros(cfg: ModelConfig, n_slots: int, max_positions: int) -> KVCache:
-        shape = (cfg.n_layers, n_slots, max_positions, cfg.n_kv_heads, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-
 
 # ================================================================ building blocks
 
@@ -77,37 +66,40 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.A
 
 
 def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-            slots: jax.Array, last_index: jax.Array, *, cfg: ModelConfig, t_ctx: int,
-            all_logits: bool) -> tuple[jax.Array, KVCache]:
-    """Append tokens to their slots' sequences and return logits.
+            page_ids: jax.Array, offsets: jax.Array, table_rows: jax.Array,
+            last_index: jax.Array, *, cfg: ModelConfig, all_logits: bool
+            ) -> tuple[jax.Array, KVCache]:
+    """Append tokens to their sequences' pages and return logits.
 
     Args:
       tokens, positions: [B, T] int32: new tokens and their absolute positions.
-      slots: [B] int32 cache slot of each row.
+      page_ids, offsets: [B, T] int32: the pool page and the position in it each token's k/v
+        goes to (padding goes to the scratch page 0).
+      table_rows: [B, N] int32: the pages of each row's first C = N * PAGE positions, in order.
       last_index: [B] int32 index in T of each row's last real token (rows may be padded).
-      t_ctx: static number of cached positions attention reads (a bucket >= max position + 1).
       all_logits: static; True → logits [B, T, V] for every position, else [B, V] at last_index.
     Returns: (logits, the updated cache).
     """
     b, t = tokens.shape
+    n, page = table_rows.shape[1], cache.page_size
     x = embed_rows(params.embed, tokens)  # [B, T, D]
     cos, sin = rope_tables(positions, cfg)
-    rows = slots[:, None]  # [B, 1] broadcasts against positions [B, T]
 
     def block(carry: tuple[jax.Array, jax.Array, jax.Array],
               layer: tuple[LayerWeights, jax.Array]
               ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
-        x, k_cache, v_cache = carry
+        x, k_cache, v_cache = carry  # x [B, T, D]; caches [L, P, PAGE, G, K]
         w, l = layer
         h = rms_norm(x, w.attn_norm, cfg.rms_eps)
         q = linear(h, w.wq).reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = linear(h, w.wk).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = linear(h, w.wv).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache = k_cache.at[l, rows, positions].set(k)
-        v_cache = v_cache.at[l, rows, positions].set(v)
-        keys = k_cache[l, slots, :t_ctx]  # [B, C, G, K]
-        values = v_cache[l, slots, :t_ctx]
+        k_cache = k_cache.at[l, page_ids, offsets].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[l, page_ids, offsets].set(v.astype(v_cache.dtype))
+        shape = (b, n * page, cfg.n_kv_heads, cfg.head_dim)
+        keys = k_cache[l, table_rows].reshape(shape).astype(jnp.float32)  # [B, C, G, K]
+        values = v_cache[l, table_rows].reshape(shape).astype(jnp.float32)
         x = x + linear(attention(q, keys, values, positions, cfg), w.wo)
         h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
         x = x + linear(jax.nn.silu(linear(h, w.w_gate)) * linear(h, w.w_up), w.w_down)

@@ -66,6 +66,7 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._stopped = False
         self._last_step_s = 0.0
+        self._engine: Engine | None = None  # the engine the last steps ran on
         # counters for stats/metrics
         self.steps = 0
         self.decode_rows = 0
@@ -102,11 +103,15 @@ class Scheduler:
             return seq
 
     def close(self, seq: Sequence) -> None:
+        """The sequence ended: its KV pages go back to the engine, then its slot is free."""
         with self._slots_cv:
             if seq.closed:
                 return
             seq.closed = True
             self._open.pop(seq.id, None)
+        if self._engine is not None:  # None: no step ran yet, so the slot holds no pages
+            self._engine.release(seq.slot)
+        with self._slots_cv:
             self._free.append(seq.slot)
             self._free.sort()
             self._slots_cv.notify()
@@ -172,6 +177,7 @@ class Scheduler:
                 continue
             try:
                 engine = self._engine_fn()
+                self._engine = engine
             except BaseException as e:  # the model could not be made resident
                 for r in batch:
                     r.error = e

@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .engine import Engine
 from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
 from .gguf_io import GGUFFile, open_gguf
+from .kvcache import kv_dtype_for
 from .tokenizer import TextCodec, load_codec
 from .types import ModelInfo
 from .weights import (
@@ -241,7 +242,7 @@ class LayerStore:
                                   head=g["head"])
             entry.layers = [None] * entry.n_layers  # the stacked copy replaces the per-layer ones
             engine = Engine(entry.cfg, params, n_slots=self.n_slots,
-                            max_context=self.max_context)
+                            max_context=self.max_context, kv_dtype=kv_dtype_for(entry.layout))
             total = nbytes(params) + engine.cache_bytes
             self._make_room(total - entry.resident_bytes, keep=entry)
             entry.engine = engine
@@ -297,7 +298,8 @@ class LayerStore:
         return {
             "models": [{"id": m.id, "name": m.name, "layout": m.layout,
                         "resident_layers": m.n_resident_layers, "layers": m.n_layers,
-                        "resident_bytes": m.resident_bytes, "in_use": m.in_use}
+                        "resident_bytes": m.resident_bytes, "in_use": m.in_use,
+                        "kv": m.engine.kv_stats() if m.engine is not None else None}
                        for m in self.entries()],
             "resident_bytes": self.resident_bytes(),
             "budget_bytes": self.budget_bytes,

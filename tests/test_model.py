@@ -19,6 +19,7 @@ from tiny_gguf import TinyModel, write_tiny_llama
 from realm_nb.config import ModelConfig
 from realm_nb.engine import PREFILL_BUCKETS, Engine
 from realm_nb.gguf_io import open_gguf
+from realm_nb.kvcache import kv_dtype_for
 from realm_nb.weights import (
     ModelWeights,
     check_tensors,
@@ -99,7 +100,8 @@ def build_engine(path: Path, layout: str, *, n_slots: int = 4, max_context: int 
     g = load_globals(f, cfg, layout)
     params = ModelWeights(embed=g["embed"], layers=stack_layers(layers), norm=g["norm"],
                           head=g["head"])
-    return Engine(cfg, params, n_slots=n_slots, max_context=max_context)
+    return Engine(cfg, params, n_slots=n_slots, max_context=max_context,
+                  kv_dtype=kv_dtype_for(layout))
 
 
 @pytest.fixture(scope="module")
