@@ -6,6 +6,7 @@ the test checks that the plan installs the package, uses Python 3.11 and pulls t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,7 +25,32 @@ def test_binder_files_say_what_to_build():
     assert (BINDER / "runtime.txt").read_text().strip() == "python-3.11"
     post = BINDER / "postBuild"
     assert os.access(post, os.X_OK), "postBuild must be executable"
-    assert "realm-nb pull smollm2-135m" in post.read_text()
+    text = post.read_text()
+    assert "realm-nb pull smollm2-135m" in text
+    assert "jupyter server extension enable --sys-prefix realm_nb" in text  # one shared runtime
+    assert "realm-nb warmup" in text  # XLA's cache warm: the first notebook skips the compiles
+
+
+def test_the_server_extension_is_enabled_by_pip_install():
+    """The package's jupyter-config file enables the extension in any environment pip installs
+    it into (Binder's image included): the same file is what this environment was given."""
+    import sysconfig
+
+    shipped = json.loads((REPO / "jupyter-config" / "jupyter_server_config.d" /
+                          "realm_nb.json").read_text())
+    assert shipped["ServerApp"]["jpserver_extensions"] == {"realm_nb": True}
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"etc/jupyter/jupyter_server_config.d/realm_nb.json"' in pyproject
+    installed = Path(sysconfig.get_paths()["data"]) / "etc" / "jupyter" / \
+        "jupyter_server_config.d" / "realm_nb.json"
+    assert json.loads(installed.read_text()) == shipped
+    from jupyter_server.extension.utils import get_loader
+
+    import realm_nb
+
+    points = realm_nb._jupyter_server_extension_points()
+    module = __import__(points[0]["module"], fromlist=["_"])
+    assert callable(get_loader(module))
 
 
 def _repo2docker() -> list[str]:

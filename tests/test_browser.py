@@ -39,7 +39,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on a temporary copy of notebooks/; yields (base_url, token)."""
+    """A JupyterLab server on a temporary copy of notebooks/; yields (base_url, token, folder).
+
+    realm-nb's server extension is enabled (pip installs it), so its kernels share one runtime.
+    """
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
                     "chromium) to run the browser tests")
@@ -74,7 +77,7 @@ def lab(tmp_path_factory):
                     raise RuntimeError("JupyterLab did not start; log:\n"
                                        + (root / "jupyter.log").read_text()[-3000:]) from None
                 time.sleep(0.3)
-        yield base, token
+        yield base, token, served
     finally:
         proc.terminate()  # this server only, by its PID; it shuts its kernels down
         try:
@@ -111,7 +114,7 @@ PYTHON = """async (expr) => {
 def test_panel_in_jupyterlab(lab):
     from playwright.sync_api import sync_playwright
 
-    base, token = lab
+    base, token, _ = lab
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                      args=CHROMIUM_FLAGS)
@@ -198,5 +201,68 @@ def test_panel_in_jupyterlab(lab):
             assert python("panel.running") == "False"
             page.screenshot(path=str(ARTIFACTS / "lab.png"))
             print(f"screenshot of the page: {ARTIFACTS / 'lab.png'}")
+        finally:
+            browser.close()
+
+
+STREAM_CELL = "%load_ext realm_nb\n"
+GENERATE = "%%realm generate -n 48 -t 0 -o g\nOnce upon a time, in a small village,"
+
+
+def _notebook(cells: list[str]) -> str:
+    return json.dumps({"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}",
+                                  "metadata": {}, "outputs": [], "source": src}
+                                 for i, src in enumerate(cells)],
+                       "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                   "language": "python"}},
+                       "nbformat": 4, "nbformat_minor": 5})
+
+
+def test_two_notebooks_stream_from_one_runtime(lab):
+    """Two notebooks open in JupyterLab stream at the same time from the server's one runtime,
+    each as its own tenant, and neither kernel loads JAX."""
+    from playwright.sync_api import sync_playwright
+
+    base, token, served = lab
+    names = ("alpha.ipynb", "beta.ipynb")
+    for name in names:
+        (served / name).write_text(_notebook([STREAM_CELL, GENERATE]))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_FLAGS)
+        try:
+            pages = []
+            for name in names:
+                # A window (context) and a workspace each: a background tab renders nothing
+                # (no animation frames), and each window shows its own notebook in front.
+                page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+                page.goto(f"{base}/lab/workspaces/{name[:-6]}/tree/{name}?token={token}")
+                page.wait_for_function(KERNEL_READY, timeout=120_000, polling=200)
+                pages.append(page)
+            for page in pages:  # not awaited: the command's promise ends with the last cell
+                page.evaluate("() => { window.jupyterapp.commands.execute("
+                              "'notebook:run-all-cells'); }")
+            for i, page in enumerate(pages):  # text streams in (the live cursor), in both
+                try:
+                    page.wait_for_function(  # the live cursor after some text
+                        "() => [...document.querySelectorAll('.jp-OutputArea-output')].some("
+                        "o => /\\w.*▌/s.test(o.textContent))", timeout=300_000, polling=50)
+                except Exception:
+                    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                    page.screenshot(path=str(ARTIFACTS / f"stream_failed_{i}.png"))
+                    raise
+            for page in pages:
+                page.wait_for_function(ALL_RAN, timeout=300_000, polling=200)
+                page.get_by_text("finish: length").first.wait_for(timeout=30_000)
+            texts = [str(p.evaluate(PYTHON, "g.text")) for p in pages]
+            tenants = [str(p.evaluate(PYTHON, "g.tenant")) for p in pages]
+            thin = [str(p.evaluate(PYTHON, "'jax' in __import__('sys').modules")) for p in pages]
+            assert texts[0] == texts[1] and len(texts[0]) > 20, texts  # greedy: the same text
+            assert tenants == [repr(str(served / n)) for n in names], tenants
+            assert thin == ["False", "False"]
+            shown = pages[1].locator(".jp-OutputArea-output pre").first.text_content() or ""
+            assert shown.strip() and eval(texts[1]).strip().startswith(shown.strip()[:20])
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            pages[1].screenshot(path=str(ARTIFACTS / "two_notebooks.png"))
         finally:
             browser.close()

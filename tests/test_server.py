@@ -365,3 +365,74 @@ def test_load_keys_toml(tmp_path: Path) -> None:
     f.write_text('[keys."sk-a"]\nrate = -1\n')
     with pytest.raises(InvalidRequestError, match="rate"):
         load_keys(f)
+
+
+# ------------------------------------------------------------------------------ tenants by header
+
+
+@pytest.fixture(scope="module")
+def runtime_keyed(kernel):
+    """A server like the one a Jupyter server owns: one key that names tenants, one plain key."""
+    keys = {"sk-runtime": KeyConfig(tenant="jupyter", name_tenants=True),
+            "sk-alice": KeyConfig(tenant="alice")}
+    with BackgroundServer(create_app(kernel, api_keys=keys)) as srv:
+        yield srv
+
+
+def test_a_runtime_key_names_each_notebook_as_a_tenant(runtime_keyed, local) -> None:
+    from realm_nb import Realm
+
+    nbs = [Realm(mode="server", endpoint=runtime_keyed.url, api_key="sk-runtime",
+                 tenant=f"/work/nb{i}.ipynb") for i in range(2)]
+    want = local.generate("Hello", max_tokens=3, temperature=0).token_ids
+    for nb in nbs:
+        g = nb.generate("Hello", max_tokens=3, temperature=0)
+        assert g.tenant == nb.tenant and g.token_ids == want
+    seen = {t["id"] for t in nbs[0].stats()["tenants"]}
+    assert {"/work/nb0.ipynb", "/work/nb1.ipynb"} <= seen  # a runtime key sees every notebook
+
+
+def test_a_plain_key_may_not_act_as_another_tenant(runtime_keyed) -> None:
+    from realm_nb import Realm
+    from realm_nb.errors import PermissionDeniedError
+
+    mallory = Realm(mode="server", endpoint=runtime_keyed.url, api_key="sk-alice",
+                    tenant="/work/nb0.ipynb")
+    with pytest.raises(PermissionDeniedError, match="may not act as '/work/nb0.ipynb'"):
+        mallory.generate("Hello", max_tokens=1)
+    alice = Realm(mode="server", endpoint=runtime_keyed.url, api_key="sk-alice")
+    assert alice.generate("Hello", max_tokens=1).tenant == "alice"
+    assert {t["id"] for t in alice.stats()["tenants"]} <= {"alice"}  # sees only herself
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "tab\there"])
+def test_a_malformed_tenant_header_is_a_400(runtime_keyed, bad: str) -> None:
+    r = httpx.get(runtime_keyed.url + "/v1/models",
+                  headers={"Authorization": "Bearer sk-runtime", "X-Realm-Tenant": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Realm-Tenant"
+
+
+def test_load_progress_streams_before_the_first_piece(tmp_path: Path) -> None:
+    """A model that is not resident yet: the realm stream reports its layers loading and the
+    compile, then the text (what a notebook cell shows during a cold start)."""
+    from realm_nb.kernel import RealmKernel
+    from realm_nb.types import SamplingParams
+    from tests.tiny_gguf import write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    fresh = RealmKernel(n_slots=2, max_context=256)
+    fresh.store.register(path, name="tiny")  # registered, not resident
+    with BackgroundServer(create_app(fresh)) as srv:
+        with httpx.stream("POST", srv.url + "/v1/realm/generate", timeout=120,
+                          json={"model": "tiny", "prompt": [1, 2, 3], "stream": True,
+                                "params": SamplingParams(max_tokens=2).to_dict()}) as r:
+            events = [json.loads(e) for e in sse_events(r) if e != "[DONE]"]
+    kinds = [next(iter(e)) for e in events]
+    first_text = kinds.index("generation") if "text" not in kinds else kinds.index("text")
+    progress = [e["progress"] for e in events[:first_text] if "progress" in e]
+    loading = [p for p in progress if p["stage"] == "loading"]
+    assert loading[0]["done"] == 0 and loading[-1]["done"] == loading[-1]["total"] > 0
+    assert [p["done"] for p in loading] == sorted(p["done"] for p in loading)
+    assert progress[-1]["stage"] == "compiling"
+    assert "progress" not in kinds[first_text:]
