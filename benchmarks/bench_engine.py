@@ -108,7 +108,7 @@ def main() -> None:
     rows = {}
     logprobs = {}
     ids: list[int] = []
-    for layout in ("exact", "fast"):
+    for layout in ("exact", "fast", "packed"):
         engine, ids = make_store(args.model, layout)
         prompt128 = (ids * 2)[:128]
         dec = statistics.median(timed_decode(engine, args.decode) for _ in range(args.repeat))
@@ -131,22 +131,24 @@ def main() -> None:
     print(f"{'llama.cpp':8} {ref['decode_tok_s']:13.1f} {'':12} {ref['prefill_tok_s']:17.1f}"
           f" {'':12} {ref['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
 
-    exact, fast = logprobs["exact"], logprobs["fast"]
-    top_e, top_f = exact.argmax(-1), fast.argmax(-1)
-    n = len(top_e)
-    differ = np.nonzero(top_e != top_f)[0]
-    gaps = [float(exact[i, top_e[i]] - exact[i, top_f[i]]) for i in differ]
-    nxt = np.asarray(ids[1:])
-    ppl_e = float(np.exp(-exact[np.arange(n - 1), nxt].mean()))
-    ppl_f = float(np.exp(-fast[np.arange(n - 1), nxt].mean()))
-    agree = 1 - len(differ) / n
-    print(f"\nfast vs exact, teacher-forced over {n} positions of a fixed text:")
-    print(f"  top-1 agreement {agree * 100:.2f} % ({n - len(differ)}/{n}); disagreements "
-          f"{len(differ)}, largest gap under exact {max(gaps, default=0.0):.3f} logprob")
-    print(f"  perplexity exact {ppl_e:.3f}, fast {ppl_f:.3f} ({(ppl_f / ppl_e - 1) * 100:+.2f} %)")
-    ok = agree >= 0.98 and max(gaps, default=0.0) <= 0.3 and abs(ppl_f / ppl_e - 1) <= 0.01
-    print(f"  criterion for fast as default (>= 98 %, every gap <= 0.3, ppl within 1 %): "
-          f"{'met' if ok else 'NOT met'}")
+    for name in ("fast", "packed"):
+        exact, fast = logprobs["exact"], logprobs[name]
+        top_e, top_f = exact.argmax(-1), fast.argmax(-1)
+        n = len(top_e)
+        differ = np.nonzero(top_e != top_f)[0]
+        gaps = [float(exact[i, top_e[i]] - exact[i, top_f[i]]) for i in differ]
+        nxt = np.asarray(ids[1:])
+        ppl_e = float(np.exp(-exact[np.arange(n - 1), nxt].mean()))
+        ppl_f = float(np.exp(-fast[np.arange(n - 1), nxt].mean()))
+        agree = 1 - len(differ) / n
+        print(f"\n{name} vs exact, teacher-forced over {n} positions of a fixed text:")
+        print(f"  top-1 agreement {agree * 100:.2f} % ({n - len(differ)}/{n}); disagreements "
+              f"{len(differ)}, largest gap under exact {max(gaps, default=0.0):.3f} logprob")
+        print(f"  perplexity exact {ppl_e:.3f}, {name} {ppl_f:.3f} "
+              f"({(ppl_f / ppl_e - 1) * 100:+.2f} %)")
+        ok = agree >= 0.98 and max(gaps, default=0.0) <= 0.3 and abs(ppl_f / ppl_e - 1) <= 0.01
+        print(f"  criterion for {name} as default (>= 98 %, every gap <= 0.3, ppl within 1 %): "
+              f"{'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

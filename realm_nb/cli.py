@@ -1,7 +1,8 @@
 """The `realm-nb` command line (also `python -m realm_nb`).
 
 One argparse parser, one `cmd_<verb>` function per sub-command. Commands that generate talk to a
-server when `--endpoint` (or REALM_ENDPOINT) is given, else run locally.
+server when `--endpoint` (or REALM_NB_ENDPOINT) is given or a Jupyter server's runtime is found,
+else run locally.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any
 
 from .catalogue import DEFAULT_MODEL
 from .errors import RealmError
+from .types import WEIGHT_LAYOUTS
 
 
 def _realm(args: argparse.Namespace) -> Any:
     from .sdk import Realm
 
-    endpoint = getattr(args, "endpoint", None) or os.environ.get("REALM_ENDPOINT")
-    return Realm(mode="server" if endpoint else "local", default_model=args.model,
-                 endpoint=endpoint, api_key=getattr(args, "api_key", None),
+    # auto: --endpoint, REALM_NB_ENDPOINT, a Jupyter server's runtime on this machine, else local
+    return Realm(mode="auto", default_model=args.model,
+                 endpoint=getattr(args, "endpoint", None), api_key=getattr(args, "api_key", None),
                  weights=getattr(args, "weights", None))
 
 
@@ -150,8 +152,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+WARMUP_PROMPTS = ("Hello", "Once upon a time, in a small village at the edge of a great forest, "
+                  "there lived an old clockmaker who had never once left his workshop.")
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Compile the steps a notebook meets first (short and medium prompts; 1, 2 and 4 sequences
+    decoding together) into XLA's persistent cache, so a new runtime skips those compiles."""
+    import threading
+
+    from .engine import enable_compilation_cache
+    from .sdk import Realm
+
+    enable_compilation_cache()
+    realm = Realm(mode="local", default_model=args.model)
+    t0 = time.perf_counter()
+    for n in (1, 2, 4):
+        threads = [threading.Thread(target=realm.generate, args=(WARMUP_PROMPTS[i % 2],),
+                                    kwargs={"max_tokens": 8, "temperature": 0})
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    print(f"realm-nb: warmed {realm.model} in {time.perf_counter() - t0:.1f} s "
+          "(compiled steps kept in the realm-nb cache)", file=sys.stderr)
+    return 0
+
+
 def cmd_build_guest(args: argparse.Namespace) -> int:
     from .guest_build import main as build_main
+
+    return build_main(["--check"] if args.check else [])
+
+
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from .cpu_kernels import main as build_main
 
     return build_main(["--check"] if args.check else [])
 
@@ -177,8 +213,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=os.environ.get("REALM_MODEL", DEFAULT_MODEL),
                    help="catalogue name, loaded model name, or .gguf path")
     p.add_argument("--endpoint", help="talk to a realm-nb server at this URL")
-    p.add_argument("--api-key", default=os.environ.get("REALM_API_KEY"))
-    p.add_argument("--weights", choices=["exact", "fast"], help="weight layout (local mode)")
+    p.add_argument("--api-key", default=None, help="(default: REALM_NB_API_KEY)")
+    p.add_argument("--weights", choices=WEIGHT_LAYOUTS, help="weight layout (local mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,9 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(fn=cmd_bench)
 
+    p = sub.add_parser("warmup", help="compile the first steps into the persistent XLA cache")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL)
+    p.set_defaults(fn=cmd_warmup)
+
     p = sub.add_parser("build-guest", help="rebuild the WebAssembly guest (needs the build extra)")
     p.add_argument("--check", action="store_true", help="fail if it differs from the shipped one")
     p.set_defaults(fn=cmd_build_guest)
+
+    p = sub.add_parser("build-kernels", help="rebuild the CPU kernels (needs the build extra)")
+    p.add_argument("--check", action="store_true", help="fail if it differs from the shipped one")
+    p.set_defaults(fn=cmd_build_kernels)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("--host", default="127.0.0.1")
@@ -226,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", help="TOML file mapping API keys to tenants")
     p.add_argument("--models-dir", action="append", default=None,
                    help="folder whose .gguf files may be loaded over HTTP (repeatable)")
-    p.add_argument("--weights", choices=["exact", "fast"], default=None)
+    p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=None)
     p.add_argument("--lazy", action="store_true",
                    help="serve at once; load models on first use (with progress in the stream)")
     p.add_argument("--fd", type=int, default=None,

@@ -9,6 +9,8 @@ nothing special.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -95,6 +97,15 @@ class GGUFFile:
                 param=name,
             )
         return info
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory once the weights live in
+        device arrays (~the file's size). They stay in the OS page cache, and the next `raw`
+        read faults them back in: the mapping is private and read-only, so this is always safe."""
+        mapped = getattr(self._mmap, "_mmap", None)  # np.memmap's mmap.mmap
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as uint8 [rows, row_bytes] (a view of the memmapped file)."""

@@ -163,7 +163,7 @@ def _add_status_handler(serverapp: Any, supervisor: RuntimeSupervisor) -> None:
     from jupyter_server.utils import url_path_join
     from tornado import web
 
-    class RuntimeStatusHandler(APIHandler):  # type: ignore[misc]
+    class RuntimeStatusHandler(APIHandler):
         @web.authenticated
         def get(self) -> None:
             self.finish(json.dumps(supervisor.status()))

@@ -200,7 +200,7 @@ class RealmKernel:
     _shared_lock = threading.Lock()
 
     def __init__(self, *, n_slots: int = 8, max_context: int = 2048,
-                 budget_bytes: int | None = None, layout: str = "fast",
+                 budget_bytes: int | None = None, layout: str | None = None,
                  max_queue: int = 64) -> None:
         self.store = LayerStore(budget_bytes=budget_bytes, n_slots=n_slots,
                                 max_context=max_context, layout=layout)
@@ -221,7 +221,7 @@ class RealmKernel:
                 cls._shared = cls(
                     n_slots=int(os.environ.get("REALM_NB_SLOTS", "8")),
                     max_context=int(os.environ.get("REALM_NB_CONTEXT", "2048")),
-                    layout=os.environ.get("REALM_NB_WEIGHTS", "fast"),
+                    layout=os.environ.get("REALM_NB_WEIGHTS") or None,  # None: the default
                 )
             return cls._shared
 

@@ -41,7 +41,7 @@ INITIAL_PAGES = 16  # pool size of an idle engine: scratch + 15 pages = 960 posi
 SCRATCH_PAGE = 0
 
 # Storage dtype of the cache per weight layout (see realm_nb.types.WEIGHT_LAYOUTS).
-KV_DTYPES: dict[str, str] = {"exact": "float32", "fast": "float16"}
+KV_DTYPES: dict[str, str] = {"exact": "float32", "fast": "float16", "packed": "float16"}
 
 
 def kv_dtype_for(layout: str) -> np.dtype:

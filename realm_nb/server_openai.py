@@ -8,12 +8,12 @@ builders turn a kernel `Generation` into OpenAI's `text_completion` / `chat.comp
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequestError
-from .types import Generation, SamplingParams, TokenLogprob
+from .types import Generation, SamplingParams, TokenLogprob, WeightLayout
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -159,7 +159,7 @@ class LoadModelRequest(_Body):
 
     model: str
     name: str | None = None
-    weights: Literal["exact", "fast"] | None = None
+    weights: WeightLayout | None = None
 
 
 class UnloadModelRequest(_Body):
@@ -175,7 +175,7 @@ class RealmGenerateRequest(_Body):
     params: dict[str, Any] = Field(default_factory=dict)
     echo: bool = False
     logprobs: int | None = None
-    weights: Literal["exact", "fast"] | None = None
+    weights: WeightLayout | None = None
     stream: bool = False
 
     def sampling(self) -> SamplingParams:

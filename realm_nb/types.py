@@ -13,8 +13,8 @@ from typing import Any, Literal
 from .errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "cancelled"]
-WeightLayout = Literal["exact", "fast"]
-WEIGHT_LAYOUTS: tuple[str, ...] = ("exact", "fast")
+WeightLayout = Literal["exact", "fast", "packed"]
+WEIGHT_LAYOUTS: tuple[str, ...] = ("exact", "fast", "packed")
 
 
 def _check(ok: bool, param: str, value: Any, rule: str) -> None:

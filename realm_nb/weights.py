@@ -9,6 +9,11 @@ Layouts (chosen per model at load time):
   activations rounded to int8 per row before each matmul (as llama.cpp rounds them to 8 bits), so
   the dot runs int8 x int8 → int32 (see `_int8_linear` for the measurements). Agreement with
   `exact` is measured by benchmarks/bench_engine.py.
+- `packed`: each matrix stays as its GGUF blocks when the CPU kernel reads that type (Q4_0, Q4_1,
+  Q8_0; other types are re-quantized to Q8_0 at load) and `linear` runs `cpu_kernels.quant_matmul`,
+  llama.cpp's scheme: activations rounded to int8 per 32-block, integer dot per block, here twice
+  (value and residual, see PACKED_ACT_PLANES). Where the kernel is unavailable, or off the CPU
+  backend, it dequantizes and uses an XLA dot instead.
 
 `linear` is the single place that knows the formats: layer code never branches on them.
 """
@@ -19,19 +24,20 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
+import gguf.quants
 import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import quants
+from . import cpu_kernels, quants
 from .config import ModelConfig
 from .errors import InvalidRequestError
 from .gguf_io import GGUFFile
 from .quants import QuantArray
 from .types import WEIGHT_LAYOUTS
 
-Matrix = Any  # jax.Array f32 | QuantArray | Int8Matrix, all [..., out, in]
+Matrix = Any  # jax.Array f32 | QuantArray | Int8Matrix | PackedMatrix, all [..., out, in]
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["planes"])
@@ -62,10 +68,38 @@ class Int8Matrix:
         return out
 
 
+@partial(jax.tree_util.register_dataclass, data_fields=["raw"],
+         meta_fields=["qtype", "n_cols", "act_planes"])
+@dataclass(frozen=True)
+class PackedMatrix:
+    """GGUF blocks (Q4_0, Q4_1 or Q8_0) that the CPU kernel multiplies without expanding them.
+
+    raw uint8 [..., O, row_bytes]; qtype, n_cols and act_planes are static. act_planes 2 rounds
+    the activations twice (value and residual, see `cpu_kernels.quant_matmul`) for the matrices
+    whose error shows most in the logits. A distinct class from `quants.QuantArray` (which
+    `exact` expands with XLA) so that `linear` can tell them apart.
+    """
+
+    raw: jax.Array
+    qtype: QT
+    n_cols: int
+    act_planes: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def dequantize(self) -> jax.Array:
+        """f32 [..., O, n_cols]."""
+        return quants.dequantize(self.raw, self.qtype, self.n_cols)
+
+
 def linear(x: jax.Array, w: Matrix) -> jax.Array:
     """y[..., o] = sum_i x[..., i] W[o, i] for any weight layout."""
     if isinstance(w, Int8Matrix):
         return _int8_linear(x, w)
+    if isinstance(w, PackedMatrix):
+        return _packed_linear(x, w)
     if isinstance(w, QuantArray):
         return jnp.einsum("...i,oi->...o", x, w.dequantize())
     return jnp.einsum("...i,oi->...o", x, w)
@@ -98,10 +132,28 @@ def _int8_linear(x: jax.Array, w: Int8Matrix) -> jax.Array:
     return out.reshape(*lead, -1)
 
 
+def kernel_usable() -> bool:
+    """Whether `packed` matrices go through the CPU kernel (else: dequantize + XLA dot)."""
+    return jax.default_backend() == "cpu" and cpu_kernels.available()
+
+
+def _packed_linear(x: jax.Array, w: PackedMatrix) -> jax.Array:
+    if kernel_usable():
+        return cpu_kernels.quant_matmul(x, w.raw, w.qtype, w.n_cols, w.act_planes)
+    return packed_linear_fallback(x, w)
+
+
+def packed_linear_fallback(x: jax.Array, w: PackedMatrix) -> jax.Array:
+    """The same product without the kernel: f32 activations against the dequantized blocks."""
+    return jnp.einsum("...i,oi->...o", x, w.dequantize())
+
+
 def embed_rows(w: Matrix, ids: jax.Array) -> jax.Array:
     """Rows of an embedding table: ids [...] → f32 [..., D]."""
     if isinstance(w, Int8Matrix):
         return w.rows(ids)
+    if isinstance(w, PackedMatrix):
+        return quants.dequantize(w.raw[ids], w.qtype, w.n_cols)
     if isinstance(w, QuantArray):
         return QuantArray(w.raw[ids], w.qtype, w.n_cols).dequantize()
     return w[ids]
@@ -160,6 +212,13 @@ def tensor_name(field: str, layer: int) -> str:
     return f"blk.{layer}.{LAYER_TENSORS[field]}.weight"
 
 
+def default_layout() -> str:
+    """`packed` where our CPU kernel runs (the default on CPU: it reads the GGUF blocks as they
+    are, half the bytes of `fast`, and follows `exact` on 100 % of benchmarks/bench_engine.py's
+    positions); `fast` elsewhere (XLA's own int8 dots: GPUs, TPUs, or no kernel for this CPU)."""
+    return "packed" if kernel_usable() else "fast"
+
+
 def check_layout(layout: str) -> str:
     if layout not in WEIGHT_LAYOUTS:
         raise InvalidRequestError(
@@ -215,9 +274,32 @@ def planes_for(name: str) -> int:
     return 2 if two else 1
 
 
+# Activation planes in `packed`. Teacher-forced top-1 agreement with `exact` over 502 positions
+# (benchmarks/bench_engine.py, SmolLM2): one plane everywhere (llama.cpp's rounding) 97.0 %; two
+# for `fast`'s two-plane tensors 97.6 %; two everywhere 100 % (perplexity +0.01 %). The second
+# plane is free at one row, where reading the weights dominates, and doubles the integer work at
+# 16 rows and in prefill (benchmarks/bench_kernels.py).
+PACKED_ACT_PLANES = 2
+
+
+def _packed(f: GGUFFile, name: str, *, uniform: bool = True) -> PackedMatrix:
+    """The tensor's own blocks when the kernel reads them, else its values re-quantized to Q8_0
+    (always Q8_0 where the layers disagree on the type, `uniform` False, so that they stack)."""
+    info = f.tensor(name)
+    planes = PACKED_ACT_PLANES
+    if uniform and info.qtype in cpu_kernels.KERNEL_TYPES:
+        raw = np.ascontiguousarray(f.raw(name))
+        return PackedMatrix(jnp.asarray(raw), info.qtype, info.n_cols, planes)
+    values = np.asarray(_dequantize_f32(f, name))
+    q8 = gguf.quants.quantize(values, QT.Q8_0)  # uint8 [O, row_bytes]
+    return PackedMatrix(jnp.asarray(q8), QT.Q8_0, info.n_cols, planes)
+
+
 def load_matrix(f: GGUFFile, name: str, layout: str) -> Matrix:
     """One matrix of the file in the given layout, as device arrays."""
     info = f.tensor(name)
+    if layout == "packed":
+        return _packed(f, name)
     if layout == "fast":
         planes = planes_for(name)
         q, s = _to_int8(_dequantize_f32(f, name), planes)
@@ -235,7 +317,8 @@ def load_vector(f: GGUFFile, name: str) -> jax.Array:
 def load_layer(f: GGUFFile, cfg: ModelConfig, layer: int, layout: str,
                stack_types: dict[str, QT | None]) -> LayerWeights:
     """Layer `layer` as device arrays. A field whose type differs between layers
-    (stack_types[field] is None) is expanded to f32 in `exact`, so all layers can be stacked."""
+    (stack_types[field] is None) is expanded to f32 in `exact` and re-quantized to Q8_0 in
+    `packed`, so all layers can be stacked."""
     parts: dict[str, Any] = {}
     for field in LAYER_TENSORS:
         name = tensor_name(field, layer)
@@ -243,6 +326,8 @@ def load_layer(f: GGUFFile, cfg: ModelConfig, layer: int, layout: str,
             parts[field] = load_vector(f, name)
         elif layout == "exact" and stack_types[field] is None:
             parts[field] = _dequantize_f32(f, name)
+        elif layout == "packed" and stack_types[field] is None:
+            parts[field] = _packed(f, name, uniform=False)
         else:
             parts[field] = load_matrix(f, name, layout)
     return LayerWeights(**parts)

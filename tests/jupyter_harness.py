@@ -83,7 +83,7 @@ class JupyterServer:
         return json.loads(raw) if raw else None
 
     def open_notebook(self, path: str) -> Any:
-        """A session for notebook `path` (as JupyterLab opens one); returns a ready kernel client."""
+        """Open notebook `path` as JupyterLab does (a session); return a ready kernel client."""
         from jupyter_client import BlockingKernelClient
 
         session = self.api("POST", "/api/sessions", {"path": path, "name": path,
@@ -101,6 +101,7 @@ class JupyterServer:
         # would call a booting kernel dead.
         client.start_channels(hb=False)
         client.wait_for_ready(timeout=120)
+        client.kernel_id = session["kernel"]["id"]
         self.clients.append(client)
         return client
 
@@ -120,10 +121,10 @@ class JupyterServer:
 
 
 def run_cell(client: Any, code: str, timeout: float = 300) -> dict[str, Any]:
-    """Execute `code`; return {"stdout", "stderr", "text" (last display), "displays",
+    """Execute `code`; return {"stdout", "stderr", "text" and "html" (last display), "displays",
     "error" (ename: evalue or None)} once the kernel is idle again."""
     msg_id = client.execute(code)
-    out: dict[str, Any] = {"stdout": "", "stderr": "", "text": None, "displays": [],
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "text": None, "html": None, "displays": [],
                            "error": None, "status": None}
     deadline = time.monotonic() + timeout
     while True:
@@ -140,6 +141,7 @@ def run_cell(client: Any, code: str, timeout: float = 300) -> dict[str, Any]:
             text = content["data"].get("text/plain")
             out["displays"].append(text)
             out["text"] = text
+            out["html"] = content["data"].get("text/html")
         elif kind == "error":
             out["error"] = f"{content['ename']}: {content['evalue']}"
         elif kind == "status" and content["execution_state"] == "idle":

@@ -4,6 +4,7 @@ stay thin (no JAX, no wasmtime). Stopping the server leaves no runtime behind.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from realm_nb.runtime import pid_alive
@@ -116,7 +118,15 @@ def test_crashed_runtime_restarts_with_a_clear_error(tmp_path: Path, smollm2_pat
         t = threading.Thread(target=lambda: run.update(
             run_cell(k, f"%%realm generate -n 2000 -t 0\n{PROMPT}")))
         t.start()
-        time.sleep(3)
+        # Kill it once the request runs there (the runtime's own view, with the runtime's key).
+        info = json.loads(Path(first["runtime_file"]).read_text())
+        headers = {"Authorization": f"Bearer {info['api_key']}",
+                   "X-Realm-Tenant": str(server.root / NOTEBOOKS[0])}
+        deadline = time.monotonic() + 120
+        while not httpx.get(info["url"] + "/v1/requests", headers=headers).json()["data"]:
+            assert time.monotonic() < deadline, "the long generation never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
         os.kill(first["pid"], signal.SIGKILL)
         t.join(120)
         assert not t.is_alive(), "the cell must not hang when its runtime dies"
@@ -126,6 +136,29 @@ def test_crashed_runtime_restarts_with_a_clear_error(tmp_path: Path, smollm2_pat
         assert len(lines) == 1 and lines[0].startswith("UsageError: ServerConnectionError: "), \
             run["stderr"]
         assert "dropped request" in lines[0] and "run the cell again" in lines[0]
+
+        # The next request starts a new runtime, cold: interrupt it while it loads. The cell
+        # ends without a traceback, the request is cancelled there, and the next cell works.
+        cold: dict = {}
+        t = threading.Thread(target=lambda: cold.update(
+            run_cell(k, f"%%realm generate -n 64 -t 0 -o g\n{PROMPT}")))
+        t.start()
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(info["url"] + "/v1/requests", headers=headers).json()["data"]:
+                    break
+            assert time.monotonic() < deadline, "the request never reached the new runtime"
+            time.sleep(0.1)
+        server.api("POST", f"/api/kernels/{k.kernel_id}/interrupt")
+        t.join(120)
+        assert not t.is_alive() and cold["error"] is None, cold
+        assert "Traceback" not in cold["stderr"] + cold["stdout"], cold
+        assert "interrupted" in (cold["text"] or "") + (cold["html"] or ""), cold["displays"]
+        deadline = time.monotonic() + 30
+        while httpx.get(info["url"] + "/v1/requests", headers=headers).json()["data"]:
+            assert time.monotonic() < deadline, "the interrupted request runs on"
+            time.sleep(0.2)
 
         again = run_cell(k, f"%%realm generate -n 4 -t 0 -o g\n{PROMPT}")
         assert again["error"] is None, again

@@ -73,7 +73,8 @@ def test_chat_uses_the_gguf_template(kernel: RealmKernel) -> None:
 
 def test_models_lists_smollm2(kernel: RealmKernel) -> None:
     # one row per registered layout (another test may have registered "exact" too)
-    rows = [m for m in realm().models() if m.name == MODEL and m.weights == "fast"]
+    rows = [m for m in realm().models()
+            if m.name == MODEL and m.weights == kernel.store.default_layout]
     assert len(rows) == 1
     info = rows[0]
     assert (info.arch, info.quant, info.loaded) == ("llama", "Q4_1", True)

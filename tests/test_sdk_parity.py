@@ -139,7 +139,9 @@ def test_realm_cancel_and_stats(server, remote: Realm) -> None:
     assert s.result().finish_reason == "cancelled"  # type: ignore[union-attr]
     stats = remote.stats()
     assert {"tenants", "store", "running"} <= set(stats)
-    assert [t["id"] for t in stats["tenants"]] == ["default"]
+    # a server without keys has no isolation to keep: it lists every tenant (the kernel's own
+    # tests use one too); a plain key sees only itself (tests/test_server.py)
+    assert "default" in [t["id"] for t in stats["tenants"]]
 
 
 def test_auto_mode_follows_endpoint(server, monkeypatch: pytest.MonkeyPatch) -> None:
