@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -117,6 +117,10 @@ class HttpBackend:
         self.client.close()
 
 
+_END = object()  # the reader thread's last item
+_POLL_S = 0.05
+
+
 class HttpStream:
     """A generation running on the server: iterate text pieces; `.generation` once done.
 
@@ -133,9 +137,8 @@ class HttpStream:
         self.request_id: str | None = None
         self.generation: Generation | None = None
         self.error: RealmError | None = None
-        self._pieces: deque[str] = deque()
+        self._events: queue.Queue[str | dict[str, Any] | object] = queue.Queue()
         self._done = False
-        self._lock = threading.RLock()
         client = backend.client
         try:
             request = client.build_request("POST", "/v1/realm/generate",
@@ -154,8 +157,13 @@ class HttpStream:
             self._response.close()
             _raise_for(self._response)
         self._lines = self._response.iter_lines()
-        with self._lock:
-            self._pull()  # the first event names the request
+        self._read_event()  # the first event names the request
+        # The rest is read by a thread of its own: a Ctrl-C in the consumer then lands in a queue
+        # wait, never inside a socket read (which would break the stream before the server's
+        # final event, the partial generation, could arrive).
+        self._reader = threading.Thread(target=self._read_all, name="realm-http-stream",
+                                        daemon=True)
+        self._reader.start()
 
     @property
     def tenant(self) -> str | None:
@@ -169,18 +177,22 @@ class HttpStream:
     def text(self) -> str:
         return self.generation.text if self.generation else ""
 
-    def _pull(self) -> None:
-        """Read one SSE event (caller holds the lock)."""
+    # ------------------------------------------------------------------ reader thread
+
+    def _read_event(self) -> bool:
+        """Read one SSE event into the queue or the result; False at the end of the stream."""
         try:
             for line in self._lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    return False
                 event = json.loads(data)
                 if "text" in event:
-                    self._pieces.append(event["text"])
+                    self._events.put(str(event["text"]))
+                elif "progress" in event:
+                    self._events.put(dict(event["progress"]))
                 elif "generation" in event:
                     self.generation = Generation.from_dict(event["generation"])
                 elif "error" in event:
@@ -188,11 +200,7 @@ class HttpStream:
                 elif "request_id" in event:
                     self.request_id = event["request_id"]
                     self.model = event.get("model", self.model)
-                elif "progress" in event:
-                    if self.on_progress is not None:
-                        self.on_progress(event["progress"])
-                    continue
-                return
+                return True
         except httpx.TransportError as e:
             self.error = self.backend.unreachable(e) if self.request_id is None else \
                 ServerConnectionError(
@@ -200,25 +208,43 @@ class HttpStream:
                     f"{self.request_id} mid-way ({type(e).__name__}); it may have stopped or "
                     "crashed. A runtime owned by Jupyter restarts on the next request; "
                     "run the cell again", param="endpoint")
-        self._done = True
-        self._response.close()
-        if self.generation is None and self.error is None:
+        return False
+
+    def _read_all(self) -> None:
+        try:
+            while self._read_event():
+                pass
+        except Exception as e:  # handed to the consumer, never lost in this thread
             self.error = ServerConnectionError(
-                f"the server at {self.backend.endpoint} ended request {self.request_id} "
-                "without its result", param="endpoint")
+                f"reading request {self.request_id} from {self.backend.endpoint} failed: "
+                f"{type(e).__name__}: {e}", param="endpoint")
+        finally:
+            self._response.close()
+            if self.generation is None and self.error is None:
+                self.error = ServerConnectionError(
+                    f"the server at {self.backend.endpoint} ended request {self.request_id} "
+                    "without its result", param="endpoint")
+            self._done = True
+            self._events.put(_END)
+
+    # ------------------------------------------------------------------ consumer side
 
     def __iter__(self) -> Iterator[str]:
         try:
             while True:
-                with self._lock:
-                    if self._pieces:
-                        piece = self._pieces.popleft()
-                    elif self._done:
+                try:
+                    item = self._events.get(timeout=_POLL_S)  # in slices: Ctrl-C gets through
+                except queue.Empty:
+                    if self._done and self._events.empty():  # iterated again after the end
                         break
-                    else:
-                        self._pull()
-                        continue
-                yield piece
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, dict):
+                    if self.on_progress is not None:
+                        self.on_progress(item)
+                    continue
+                yield str(item)
         except (KeyboardInterrupt, GeneratorExit):
             self.close()
             if self.error is not None:
@@ -236,20 +262,17 @@ class HttpStream:
 
     def close(self) -> None:
         self.cancel()
-        with self._lock:
-            while not self._done:
-                self._pull()
+        self._reader.join()
 
     def result(self, timeout: float | None = None) -> Generation:
         """Wait for the end (Ctrl-C cancels and returns the partial generation)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            with self._lock:
-                while not self._done:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"request {self.request_id} still running after {timeout} s")
-                    self._pull()
+            while not self._done:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"request {self.request_id} still running after {timeout} s")
+                self._reader.join(_POLL_S)
         except KeyboardInterrupt:
             self.close()
         if self.error is not None:

@@ -24,6 +24,7 @@ PROMPT = "The capital of France is"
 N_TOKENS = 12
 GENERATE_CELL = f"%%realm generate -n {N_TOKENS} -t 0 -o g\n{PROMPT}"
 NOTEBOOKS = ("alpha.ipynb", "beta.ipynb")
+LONG_PROMPT = "Count from one to one thousand: one, two, three,"  # goes on past any test's patience
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_crashed_runtime_restarts_with_a_clear_error(tmp_path: Path, smollm2_pat
         # Kill the runtime while a long generation streams into the cell.
         run = {}
         t = threading.Thread(target=lambda: run.update(
-            run_cell(k, f"%%realm generate -n 2000 -t 0\n{PROMPT}")))
+            run_cell(k, f"%%realm generate -n 2000 -t 0\n{LONG_PROMPT}")))
         t.start()
         # Kill it once the request runs there (the runtime's own view, with the runtime's key).
         info = json.loads(Path(first["runtime_file"]).read_text())
