@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from typing import Any
 N_SLOTS, MAX_CONTEXT = 16, 512
 os.environ.setdefault("REALM_NB_SLOTS", str(N_SLOTS))  # the shared kernel local Realms use
 os.environ.setdefault("REALM_NB_CONTEXT", str(MAX_CONTEXT))
+
+from bench_tenants import run_concurrent  # noqa: E402  (the same load, one tenant per thread)
 
 from realm_nb.catalogue import resolve_model_path  # noqa: E402
 from realm_nb.kernel import RealmKernel  # noqa: E402
@@ -166,31 +167,6 @@ def ours_single(model: str, prefill_prompt: list[int], repeat: int) -> dict[str,
         assert isinstance(g, Generation)
         prefill.append(g.usage["prompt_tokens"] / (g.timings["prompt_ms"] / 1000))
     return {"decode": spread(decode), "prefill": spread(prefill), "decode_tokens": min(tokens)}
-
-
-def run_concurrent(model: str, batch: list[list[int]], new: int, tag: str) -> tuple[float, int]:
-    """All prompts at once, one tenant and thread each; returns (wall seconds, new tokens)."""
-    realms = [Realm(mode="local", default_model=model, tenant=f"{tag}-{i}")
-              for i in range(len(batch))]
-    results: list[Generation | None] = [None] * len(batch)
-    barrier = threading.Barrier(len(batch) + 1)
-
-    def one(i: int) -> None:
-        barrier.wait()
-        g = realms[i].generate(prompt=batch[i], max_tokens=new, temperature=0)
-        assert isinstance(g, Generation)
-        results[i] = g
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    assert all(g is not None for g in results), "a tenant failed"
-    return wall, sum(len(g.token_ids) for g in results if g is not None)
 
 
 def ours_batched(model: str, prompts: list[list[int]], repeat: int) -> dict[int, dict[str, Any]]:
