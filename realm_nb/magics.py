@@ -422,7 +422,7 @@ class RealmMagics(Magics):
             stats = self.client.stats()
         requests = stats.get("requests", {})
         print(f"realm-nb: {self.client.mode} mode, {self.where()}; default model "
-              f"{self.default_model}, tenant {self.client.tenant}")
+              f"{self.default_model}, tenant {stats.get('tenant', self.client.tenant)}")
         store = stats.get("store", {})
         if store:
             print("  store: " + ", ".join(f"{k} {v}" for k, v in store.items()
@@ -431,7 +431,7 @@ class RealmMagics(Magics):
         print(f"  tenants: {len(tenants)}, running requests: {stats.get('running', 0)}, "
               f"requests: {requests}")
         for t in tenants:
-            mark = "*" if t.get("id") == self.client.tenant else " "
+            mark = "*" if t.get("id") == stats.get("tenant", self.client.tenant) else " "
             print(f"  {mark} {t.get('id')}: {t.get('state')}, {t.get('guests')} guest(s), "
                   f"{t.get('requests')} request(s), {t.get('tokens')} tokens, fuel "
                   f"{t.get('fuel_used')}, memory {int(t.get('memory_bytes', 0)) // 1024} KiB")

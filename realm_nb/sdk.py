@@ -119,7 +119,13 @@ class Realm:
             mode = "server" if endpoint else "local"
         self.mode: Mode = mode
         self.runtime = found
-        self.tenant = tenant or notebook_tenant() or DEFAULT_TENANT
+        key = api_key or env_value(API_KEY_ENVS)
+        # The notebook names its tenant where the key speaks for many (the runtime a Jupyter
+        # server owns, or a server without keys); a plain key acts as its own tenant only.
+        speaks_for_many = key is None or (found is not None and found.names_tenants
+                                          and key == found.api_key)
+        derived = notebook_tenant() if speaks_for_many else None
+        self.tenant = tenant or derived or DEFAULT_TENANT
         self.weights = weights
         self.endpoint = endpoint
         self.model = default_model or os.environ.get("REALM_MODEL") or DEFAULT_MODEL
@@ -132,12 +138,8 @@ class Realm:
                     param="endpoint")
             from .client import HttpBackend
 
-            # Name the tenant only when it is not simply the key's: a plain key may not
-            # act as another tenant, a runtime's key (or a server without keys) may.
-            named = self.tenant if (tenant is not None or self.tenant != DEFAULT_TENANT) \
-                else None
-            self._backend = HttpBackend(endpoint, api_key=api_key or env_value(API_KEY_ENVS),
-                                        timeout=timeout, tenant=named)
+            named = tenant or derived  # None: the server's choice (the key's tenant)
+            self._backend = HttpBackend(endpoint, api_key=key, timeout=timeout, tenant=named)
         else:
             self._backend = LocalBackend()
 

@@ -393,9 +393,16 @@ def test_a_runtime_key_names_each_notebook_as_a_tenant(runtime_keyed, local) -> 
     assert {"/work/nb0.ipynb", "/work/nb1.ipynb"} <= seen  # a runtime key sees every notebook
 
 
-def test_a_plain_key_may_not_act_as_another_tenant(runtime_keyed) -> None:
+def test_a_plain_key_may_not_act_as_another_tenant(runtime_keyed,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from realm_nb import Realm
     from realm_nb.errors import PermissionDeniedError
+
+    # In a notebook (`%realm connect URL --api-key KEY`), a plain key still acts as itself:
+    # the notebook's name is not sent for it.
+    monkeypatch.setenv("JPY_SESSION_NAME", "/work/nb9.ipynb")
+    assert Realm(mode="server", endpoint=runtime_keyed.url, api_key="sk-alice").generate(
+        "Hello", max_tokens=1).tenant == "alice"
 
     mallory = Realm(mode="server", endpoint=runtime_keyed.url, api_key="sk-alice",
                     tenant="/work/nb0.ipynb")
