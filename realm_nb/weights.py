@@ -359,8 +359,10 @@ def load_globals(f: GGUFFile, cfg: ModelConfig, layout: str) -> dict[str, Any]:
 
 
 def nbytes(tree: Any) -> int:
-    """Bytes held by a pytree's arrays (64-bit Python int)."""
-    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
+    """Bytes held by a pytree's arrays (64-bit Python int), each array once: a tied head is the
+    embedding's own array, not a second copy."""
+    unique = {id(x): x for x in jax.tree_util.tree_leaves(tree)}
+    return sum(int(x.nbytes) for x in unique.values())
 
 
 def field_names() -> list[str]:

@@ -225,3 +225,16 @@ def test_fast_layout_stays_close_to_exact(tiny: TinyModel, exact: Engine) -> Non
     same = float(np.mean(np.argmax(lf, -1) == np.argmax(le, -1)))
     assert same >= 0.9, same
     assert not np.array_equal(lf, le)  # it is a different layout, not the same arrays
+
+
+def test_a_tied_head_is_counted_once(tmp_path: Path) -> None:
+    """The store's resident bytes count the tied embedding/head table once (it is one array)."""
+    import jax
+
+    from realm_nb.weights import nbytes
+
+    tiny = write_tiny_llama(tmp_path / "tied.gguf", tied=True)
+    params = build_engine(tiny.path, "fast").params
+    assert params.head is params.embed
+    every_leaf = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))
+    assert nbytes(params) == every_leaf - nbytes(params.embed) > 0
