@@ -13,31 +13,18 @@ rounding. Random weights; speed does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import gguf.quants
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_matmul import median_ms
 from gguf import GGMLQuantizationType as QT
 
 from realm_nb import cpu_kernels, weights
 
 CASES = [("head", QT.Q8_0, 49152, 576, 2), ("ffn_up", QT.Q4_1, 1536, 576, 1)]
 ROWS = (1, 2, 16)
-
-
-def median_ms(fn: Callable[..., Any], *args: Any, n: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ N_SLOTS, MAX_CONTEXT = 16, 512
 os.environ.setdefault("REALM_NB_SLOTS", str(N_SLOTS))  # the shared kernel local Realms use
 os.environ.setdefault("REALM_NB_CONTEXT", str(MAX_CONTEXT))
 
-from bench_tenants import run_concurrent  # noqa: E402  (the same load, one tenant per thread)
+from bench_tenants import TEXT, run_concurrent  # noqa: E402  (the same text and load)
 
 from realm_nb.catalogue import resolve_model_path  # noqa: E402
 from realm_nb.kernel import RealmKernel  # noqa: E402
@@ -53,17 +53,6 @@ OUT = Path(__file__).resolve().parent / "out"
 ENV_BIN = "REALM_NB_LLAMACPP_BIN"
 
 SHORT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
-TEXT = """\
-The river rose slowly through the night, and by morning the lower fields were under water. The
-farmers had seen floods before, but this one came earlier in the year than anyone remembered. In
-computing, a cache is a small, fast memory that keeps copies of data that a program is likely to
-need again soon. Mix two cups of flour with a spoon of sugar and a pinch of salt, add one egg and a
-cup of milk, and stir until the batter is smooth. Photosynthesis is the process by which green
-plants use light to turn water and carbon dioxide into sugar and oxygen. She opened the letter
-carefully, as if it might break. Inside was a single sheet of paper, folded twice, and a small
-photograph of a house by the sea. The old lighthouse keeper climbed the stairs every evening to
-light the lamp, counting the steps as his father had taught him.
-"""
 
 
 # ----------------------------------------------------------------------------- statistics

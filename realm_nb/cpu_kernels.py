@@ -217,16 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
+            from .guest_build import check_shipped
+
             with tempfile.TemporaryDirectory() as tmp:
                 built = build_kernels(Path(tmp) / KERNEL_ARTIFACT.name).read_bytes()
-            shipped = KERNEL_ARTIFACT.read_bytes() if KERNEL_ARTIFACT.is_file() else b""
-            if built != shipped:
-                print(f"{KERNEL_ARTIFACT} is stale ({len(shipped)} bytes shipped, {len(built)} "
-                      "built); run `python -m realm_nb.cpu_kernels` and commit it",
-                      file=sys.stderr)
-                return 1
-            print(f"{KERNEL_ARTIFACT} is up to date ({len(built)} bytes)")
-            return 0
+            return check_shipped(built, KERNEL_ARTIFACT, "python -m realm_nb.cpu_kernels")
         path = build_kernels(args.out)
     except KernelBuildError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -76,6 +76,18 @@ def build_guest(out: Path | None = None, source: Path = GUEST_SOURCE) -> Path:
     return out
 
 
+def check_shipped(built: bytes, artifact: Path, rebuild: str) -> int:
+    """Compare a fresh build with the shipped artifact (CI's reproducibility check): 0 when
+    byte-identical, else 1 with what to run."""
+    shipped = artifact.read_bytes() if artifact.is_file() else b""
+    if built != shipped:
+        print(f"{artifact} is stale ({len(shipped)} bytes shipped, {len(built)} built); run "
+              f"`{rebuild}` and commit it", file=sys.stderr)
+        return 1
+    print(f"{artifact} is up to date ({len(built)} bytes)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m realm_nb.guest_build [--check]``."""
     parser = argparse.ArgumentParser(prog="realm-nb build-guest", description=__doc__)
@@ -89,16 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             with tempfile.TemporaryDirectory() as tmp:
                 built = build_guest(Path(tmp) / "realm_guest.wasm").read_bytes()
-            committed = GUEST_ARTIFACT.read_bytes() if GUEST_ARTIFACT.is_file() else b""
-            if built != committed:
-                print(
-                    f"{GUEST_ARTIFACT} is stale ({len(committed)} bytes committed, {len(built)} "
-                    "built); run `python -m realm_nb.guest_build` and commit it",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"{GUEST_ARTIFACT} is up to date ({len(built)} bytes)")
-            return 0
+            return check_shipped(built, GUEST_ARTIFACT, "python -m realm_nb.guest_build")
         path = build_guest(args.out)
     except GuestBuildError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
