@@ -376,23 +376,28 @@ int weight_offset(Isa isa, int32_t type) {
 // alone, where waking a second thread would cost more than it saves.
 constexpr int64_t kChunkWork = 96 * 1024;
 
-// Chunks are claimed from an atomic counter by the caller and by tasks scheduled on XLA's
-// pool; the caller waits only for chunks that were claimed, so a task the pool starts late finds
+// A range of output rows of one matrix.
+struct Task {
+  const Job* job;
+  RowsFn fn;
+  int64_t o0, o1;
+};
+
+// Tasks are claimed from an atomic counter by the caller and by helpers scheduled on XLA's
+// pool; the caller waits only for tasks that were claimed, so a helper the pool starts late finds
 // nothing to do and touches nothing but the shared state (no deadlock if the pool is busy).
 struct Split {
   std::atomic<int64_t> next{0}, done{0};
-  int64_t chunks = 0, rows_per_chunk = 0, rows = 0;
-  const Job* job = nullptr;
-  RowsFn fn = nullptr;
+  std::vector<Task> tasks;
 };
 
-void run_chunks(Split& s) {
+void run_tasks(Split& s) {
+  const int64_t n = int64_t(s.tasks.size());
   for (;;) {
     const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.chunks) return;
-    const int64_t o0 = c * s.rows_per_chunk;
-    const int64_t o1 = o0 + s.rows_per_chunk < s.rows ? o0 + s.rows_per_chunk : s.rows;
-    s.fn(*s.job, o0, o1);
+    if (c >= n) return;
+    const Task& t = s.tasks[size_t(c)];
+    t.fn(*t.job, t.o0, t.o1);
     s.done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -406,69 +411,151 @@ int64_t thread_cap() {
   return cap;
 }
 
-void parallel_rows(ffi::ThreadPool& pool, const Job& job, RowsFn fn) {
+// All matrices of one call share the threads: each is cut into chunks in proportion to its work,
+// so three small projections split over two cores as well as one large matrix does.
+void parallel_rows(ffi::ThreadPool& pool, const std::vector<Job>& jobs,
+                   const std::vector<RowsFn>& fns) {
   int64_t threads = pool.num_threads();
   if (thread_cap() > 0 && threads > thread_cap()) threads = thread_cap();
-  const int64_t work = job.n_out * job.row_bytes * (1 + job.acts->n / 4);
-  int64_t chunks = work / kChunkWork;
-  const int64_t max_chunks = 4 * (threads > 1 ? threads : 1);
-  if (chunks > max_chunks) chunks = max_chunks;
-  if (chunks > job.n_out) chunks = job.n_out;
-  if (threads <= 1 || chunks <= 1) {
-    fn(job, 0, job.n_out);
+  if (threads < 1) threads = 1;
+  int64_t total = 0;
+  for (const Job& j : jobs) total += j.n_out * j.row_bytes * (1 + j.acts->n / 4);
+  int64_t chunks = total / kChunkWork;
+  if (chunks > 4 * threads) chunks = 4 * threads;
+  auto s = std::make_shared<Split>();
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    const Job& j = jobs[k];
+    if (j.n_out == 0) continue;
+    const int64_t work = j.n_out * j.row_bytes * (1 + j.acts->n / 4);
+    int64_t parts = threads > 1 && total > 0 ? (chunks * work + total - 1) / total : 1;
+    if (parts < 1) parts = 1;
+    if (parts > j.n_out) parts = j.n_out;
+    const int64_t per = (j.n_out + parts - 1) / parts;
+    for (int64_t o0 = 0; o0 < j.n_out; o0 += per)
+      s->tasks.push_back({&j, fns[k], o0, o0 + per < j.n_out ? o0 + per : j.n_out});
+  }
+  const int64_t n_tasks = int64_t(s->tasks.size());
+  if (threads <= 1 || n_tasks <= 1) {
+    for (const Task& t : s->tasks) t.fn(*t.job, t.o0, t.o1);
     return;
   }
-  auto s = std::make_shared<Split>();
-  s->rows = job.n_out;
-  s->rows_per_chunk = (job.n_out + chunks - 1) / chunks;
-  s->chunks = (job.n_out + s->rows_per_chunk - 1) / s->rows_per_chunk;
-  s->job = &job;
-  s->fn = fn;
-  const int64_t helpers = threads - 1 < s->chunks - 1 ? threads - 1 : s->chunks - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { run_chunks(*s); });
-  run_chunks(*s);
-  while (s->done.load(std::memory_order_acquire) < s->chunks) {
+  const int64_t helpers = threads - 1 < n_tasks - 1 ? threads - 1 : n_tasks - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { run_tasks(*s); });
+  run_tasks(*s);
+  while (s->done.load(std::memory_order_acquire) < n_tasks) {
 #ifdef REALM_X86
     _mm_pause();
 #endif
   }
 }
 
-// ============================================================ the FFI handler
+// ============================================================ the FFI handlers
 
 // act_planes 2 rounds x twice (x ≈ dx*q + dx2*q2 per block, q2 the first rounding's residual):
 // twice the integer work for the same weight reads, with activations kept to ~14 bits.
-ffi::Error quant_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        int32_t qtype, int32_t act_planes, ffi::ResultBuffer<ffi::F32> y) {
-  const Format* fmt = find_format(qtype);
-  if (fmt == nullptr)
-    return ffi::Error::InvalidArgument("realm_quant_matmul: qtype must be Q4_0, Q4_1 or Q8_0");
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("realm_quant_matmul: x, w and y must be 2-D");
-  const int64_t n = xd[0], n_in = xd[1], n_out = wd[0], row_bytes = wd[1];
-  if (n_in % QK != 0 || row_bytes != n_in / QK * fmt->type_size || yd[0] != n || yd[1] != n_out)
-    return ffi::Error::InvalidArgument("realm_quant_matmul: shapes do not match the format");
+//
+// y_k = x W_k for K matrices sharing one x (q/k/v, gate/up): x is quantized once per weight
+// offset and one parallel split covers every output, where separate calls each paid the
+// quantization, a thread hand-off and a wait (half the decode step's time at one row, measured).
+ffi::Error matmul_many(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                       const std::vector<ffi::Buffer<ffi::U8>>& ws,
+                       ffi::Span<const int32_t> qtypes, int32_t act_planes,
+                       std::vector<ffi::Result<ffi::Buffer<ffi::F32>>>& ys) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2)
+    return ffi::Error::InvalidArgument("realm_quant_matmul: x must be 2-D");
+  const int64_t n = xd[0], n_in = xd[1];
   if (act_planes != 1 && act_planes != 2)
     return ffi::Error::InvalidArgument("realm_quant_matmul: act_planes must be 1 or 2");
-  if (n == 0 || n_out == 0) return ffi::Error::Success();
-
+  if (n_in % QK != 0)
+    return ffi::Error::InvalidArgument("realm_quant_matmul: x's width must be a multiple of 32");
+  if (ws.size() != ys.size() || ws.size() != qtypes.size() || ws.empty())
+    return ffi::Error::InvalidArgument("realm_quant_matmul: one qtype and output per weight");
   const Isa isa = chosen_isa();
-  thread_local Acts acts;  // reused between calls on this thread
-  quantize_acts(x.typed_data(), n, n_in, weight_offset(isa, qtype), act_planes, acts);
-  float* out = y->typed_data();
-  thread_local std::vector<float> planes_out;  // [2N, O] when act_planes is 2
-  if (act_planes == 2) {
-    planes_out.resize(size_t(2 * n * n_out));
-    out = planes_out.data();
+  std::vector<const Format*> fmts(ws.size());
+  for (size_t k = 0; k < ws.size(); ++k) {
+    fmts[k] = find_format(qtypes[k]);
+    if (fmts[k] == nullptr)
+      return ffi::Error::InvalidArgument("realm_quant_matmul: qtype must be Q4_0, Q4_1 or Q8_0");
+    const auto wd = ws[k].dimensions(), yd = ys[k]->dimensions();
+    if (wd.size() != 2 || yd.size() != 2 || wd[1] != n_in / QK * fmts[k]->type_size ||
+        yd[0] != n || yd[1] != wd[0])
+      return ffi::Error::InvalidArgument("realm_quant_matmul: shapes do not match the format");
   }
-  const Job job{fmt, &acts, w.typed_data(), out, n_in, n_out, row_bytes};
-  parallel_rows(pool, job, rows_fn(isa, qtype));
+  if (n == 0) return ffi::Error::Success();
+
+  // Activations per distinct weight offset (usually one), reused between calls on this thread.
+  thread_local Acts acts_by_offset[3];
+  thread_local int acts_offset[3];
+  int n_acts = 0;
+  std::vector<const Acts*> acts_of(ws.size());
+  for (size_t k = 0; k < ws.size(); ++k) {
+    const int off = weight_offset(isa, qtypes[k]);
+    int at = 0;
+    while (at < n_acts && acts_offset[at] != off) ++at;
+    if (at == n_acts) {
+      quantize_acts(x.typed_data(), n, n_in, off, act_planes, acts_by_offset[at]);
+      acts_offset[at] = off;
+      ++n_acts;
+    }
+    acts_of[k] = &acts_by_offset[at];
+  }
+  // With two planes each matrix writes [2N, O] into scratch, and the planes are added after.
+  thread_local std::vector<float> planes_out;
+  std::vector<size_t> scratch_at(ws.size(), 0);
   if (act_planes == 2) {
-    float* yd = y->typed_data();
-    for (int64_t i = 0; i < n * n_out; ++i) yd[i] = out[i] + out[n * n_out + i];
+    size_t need = 0;
+    for (size_t k = 0; k < ws.size(); ++k) {
+      scratch_at[k] = need;
+      need += size_t(2 * n * ys[k]->dimensions()[1]);
+    }
+    if (planes_out.size() < need) planes_out.resize(need);
+  }
+  std::vector<Job> jobs;
+  std::vector<RowsFn> fns;
+  jobs.reserve(ws.size());
+  for (size_t k = 0; k < ws.size(); ++k) {
+    const int64_t n_out = ws[k].dimensions()[0];
+    float* out = act_planes == 2 ? planes_out.data() + scratch_at[k] : ys[k]->typed_data();
+    jobs.push_back({fmts[k], acts_of[k], ws[k].typed_data(), out, n_in, n_out,
+                    int64_t(ws[k].dimensions()[1])});
+    fns.push_back(rows_fn(isa, qtypes[k]));
+  }
+  parallel_rows(pool, jobs, fns);
+  if (act_planes == 2) {
+    for (size_t k = 0; k < ws.size(); ++k) {
+      const int64_t m = n * ys[k]->dimensions()[1];
+      const float* out = planes_out.data() + scratch_at[k];
+      float* yd = ys[k]->typed_data();
+      for (int64_t i = 0; i < m; ++i) yd[i] = out[i] + out[m + i];
+    }
   }
   return ffi::Error::Success();
+}
+
+ffi::Error quant_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                        int32_t qtype, int32_t act_planes, ffi::ResultBuffer<ffi::F32> y) {
+  std::vector<ffi::Buffer<ffi::U8>> ws{w};
+  std::vector<ffi::Result<ffi::Buffer<ffi::F32>>> ys{y};
+  return matmul_many(pool, x, ws, ffi::Span<const int32_t>(&qtype, 1), act_planes, ys);
+}
+
+ffi::Error quant_matmul_many(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::RemainingArgs weights, ffi::Span<const int32_t> qtypes,
+                             int32_t act_planes, ffi::RemainingRets outs) {
+  if (weights.size() != outs.size())
+    return ffi::Error::InvalidArgument("realm_quant_matmul_many: one output per weight");
+  std::vector<ffi::Buffer<ffi::U8>> ws;
+  std::vector<ffi::Result<ffi::Buffer<ffi::F32>>> ys;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(k);
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(k);
+    if (w.has_error()) return w.error();
+    if (y.has_error()) return y.error();
+    ws.push_back(*w);
+    ys.push_back(*y);
+  }
+  return matmul_many(pool, x, ws, qtypes, act_planes, ys);
 }
 
 }  // namespace
@@ -481,6 +568,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQuantMatmul, quant_matmul,
                                   .Attr<int32_t>("qtype")
                                   .Attr<int32_t>("act_planes")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQuantMatmulMany, quant_matmul_many,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Attr<ffi::Span<const int32_t>>("qtypes")
+                                  .Attr<int32_t>("act_planes")
+                                  .RemainingRets());
 
 // Which path this machine runs (0 scalar, 1 AVX2, 2 AVX-512 VNNI): for tests and benchmarks.
 extern "C" int32_t realm_kernels_isa() { return int32_t(chosen_isa()); }

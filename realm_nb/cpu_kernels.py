@@ -34,6 +34,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from .errors import RealmError, ShapeMismatchError
@@ -47,6 +48,8 @@ SOURCE_CANDIDATES = (PACKAGE_DIR.parent / "csrc" / "realm_kernels.cc",  # a chec
 ZIG_TARGET = "x86_64-linux-gnu.2.28"  # generic x86-64; the kernel picks AVX-512 / AVX2 itself
 FFI_TARGET = "realm_quant_matmul"
 HANDLER_SYMBOL = "RealmQuantMatmul"
+FFI_TARGET_MANY = "realm_quant_matmul_many"  # several matrices sharing one x (q/k/v, gate/up)
+HANDLER_SYMBOL_MANY = "RealmQuantMatmulMany"
 ISA_NAMES = ("scalar", "avx2", "avx512-vnni")  # realm_kernels_isa() → name
 
 # GGUF block formats the kernel reads: the rest are re-quantized to Q8_0 by the `packed` layout.
@@ -142,8 +145,9 @@ def _load() -> ctypes.CDLL | str:
             reasons.append(getattr(e, "message", str(e)))
             return "; ".join(reasons)
     lib.realm_kernels_isa.restype = ctypes.c_int32
-    jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(getattr(lib, HANDLER_SYMBOL)),
-                                platform="cpu")
+    for target, symbol in ((FFI_TARGET, HANDLER_SYMBOL), (FFI_TARGET_MANY, HANDLER_SYMBOL_MANY)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
     return lib
 
 
@@ -159,13 +163,33 @@ def unavailable_reason() -> str | None:
 
 def isa() -> str:
     """The instruction set the kernel runs here: 'avx512-vnni', 'avx2' or 'scalar'."""
-    lib = _load()
-    if isinstance(lib, str):
-        raise KernelBuildError(f"the CPU kernels are unavailable: {lib}")
-    return ISA_NAMES[lib.realm_kernels_isa()]
+    return ISA_NAMES[_library().realm_kernels_isa()]
 
 
 # ================================================================ the call
+
+
+def _check_operands(x: jax.Array, raw: jax.Array, qtype: QT, n_cols: int,
+                    act_planes: int) -> None:
+    row_bytes = None
+    if qtype in KERNEL_TYPES and n_cols % 32 == 0:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        row_bytes = n_cols // block * type_size
+    if (row_bytes is None or raw.ndim != 2 or raw.shape[1] != row_bytes
+            or x.shape[-1] != n_cols or act_planes not in (1, 2)):
+        raise ShapeMismatchError(
+            f"quant_matmul needs x [..., {n_cols}] and raw uint8 [O, row_bytes] of "
+            f"{'/'.join(t.name for t in KERNEL_TYPES)}, act_planes 1 or 2; got x "
+            f"{list(x.shape)}, raw {list(raw.shape)} of {getattr(qtype, 'name', qtype)}, "
+            f"act_planes {act_planes}",
+            shape=list(raw.shape), qtype=getattr(qtype, "name", str(qtype)))
+
+
+def _library() -> ctypes.CDLL:
+    lib = _load()
+    if isinstance(lib, str):
+        raise KernelBuildError(f"the CPU kernels are unavailable: {lib}")
+    return lib
 
 
 def quant_matmul(x: jax.Array, raw: jax.Array, qtype: QT, n_cols: int, act_planes: int = 1
@@ -184,23 +208,35 @@ def quant_matmul(x: jax.Array, raw: jax.Array, qtype: QT, n_cols: int, act_plane
     Returns:
       f32 [..., O].
     """
-    lib = _load()
-    if isinstance(lib, str):
-        raise KernelBuildError(f"the CPU kernels are unavailable: {lib}")
-    if (qtype not in KERNEL_TYPES or raw.ndim != 2 or x.shape[-1] != n_cols
-            or act_planes not in (1, 2)):
-        raise ShapeMismatchError(
-            f"quant_matmul needs x [..., {n_cols}] and raw uint8 [O, row_bytes] of "
-            f"{'/'.join(t.name for t in KERNEL_TYPES)}, act_planes 1 or 2; got x "
-            f"{list(x.shape)}, raw {list(raw.shape)} of {getattr(qtype, 'name', qtype)}, "
-            f"act_planes {act_planes}",
-            shape=list(raw.shape), qtype=getattr(qtype, "name", str(qtype)))
+    _library()
+    _check_operands(x, raw, qtype, n_cols, act_planes)
     lead, n_out = x.shape[:-1], raw.shape[0]
     rows = x.reshape(-1, n_cols).astype(jnp.float32)
     out_type = jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32)
     y = jax.ffi.ffi_call(FFI_TARGET, out_type)(rows, raw, qtype=np.int32(int(qtype)),
                                                act_planes=np.int32(act_planes))
     return y.reshape(*lead, n_out)
+
+
+def quant_matmul_many(x: jax.Array, raws: tuple[jax.Array, ...], qtypes: tuple[QT, ...],
+                      n_cols: int, act_planes: int = 1) -> tuple[jax.Array, ...]:
+    """`quant_matmul` of one x against several matrices in one kernel call: x is rounded once
+    and one parallel split covers all outputs. Each result equals `quant_matmul`'s exactly (the
+    same per-row instruction sequence)."""
+    _library()
+    if len(raws) != len(qtypes) or not raws:
+        raise ShapeMismatchError(f"quant_matmul_many needs one qtype per matrix; got "
+                                 f"{len(raws)} matrices and {len(qtypes)} qtypes")
+    for raw, qtype in zip(raws, qtypes, strict=True):
+        _check_operands(x, raw, qtype, n_cols, act_planes)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, n_cols).astype(jnp.float32)
+    out_types = [jax.ShapeDtypeStruct((rows.shape[0], raw.shape[0]), jnp.float32)
+                 for raw in raws]
+    ys = jax.ffi.ffi_call(FFI_TARGET_MANY, out_types)(
+        rows, *raws, qtypes=np.asarray([int(q) for q in qtypes], np.int32),
+        act_planes=np.int32(act_planes))
+    return tuple(y.reshape(*lead, raw.shape[0]) for y, raw in zip(ys, raws, strict=True))
 
 
 # ================================================================ CLI

@@ -29,7 +29,7 @@ from .kvcache import INITIAL_PAGES, PAGE, KVCache, PageAllocator, grow_pool, shr
 from .model import forward
 from .weights import ModelWeights
 
-PREFILL_BUCKETS = (16, 64, 256)
+PREFILL_BUCKETS = (16, 64, 128, 256)
 # int8 dots of a single row take a slow path (32 ms for the head against 1.1 ms for 2 rows);
 # the fast layout always has >= 2 rows, its activations being two int8 planes.
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .kvcache import KVCache
-from .weights import LayerWeights, ModelWeights, embed_rows, linear
+from .weights import LayerWeights, ModelWeights, embed_rows, linear, linear_many
 
 # ================================================================ building blocks
 
@@ -91,9 +91,10 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
         x, k_cache, v_cache = carry  # x [B, T, D]; caches [L, P, PAGE, G, K]
         w, l = layer
         h = rms_norm(x, w.attn_norm, cfg.rms_eps)
-        q = linear(h, w.wq).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = linear(h, w.wk).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = linear(h, w.wv).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = linear_many(h, (w.wq, w.wk, w.wv))
+        q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache = k_cache.at[l, page_ids, offsets].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[l, page_ids, offsets].set(v.astype(v_cache.dtype))
@@ -102,7 +103,8 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
         values = v_cache[l, table_rows].reshape(shape).astype(jnp.float32)
         x = x + linear(attention(q, keys, values, positions, cfg), w.wo)
         h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
-        x = x + linear(jax.nn.silu(linear(h, w.w_gate)) * linear(h, w.w_up), w.w_down)
+        gate, up = linear_many(h, (w.w_gate, w.w_up))
+        x = x + linear(jax.nn.silu(gate) * up, w.w_down)
         return (x, k_cache, v_cache), None
 
     layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)

@@ -137,10 +137,37 @@ def kernel_usable() -> bool:
     return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
+# A prompt chunk of at least this many tokens per row is compute-bound: there XLA's f32 GEMM over
+# the blocks dequantized in the graph beats the kernel's int8 dots (two planes) on this AVX2 CPU,
+# measured over SmolLM2's 30 layers (benchmarks/bench_kernels.py, 2 cores): 128 rows 0.56 s
+# against ~1.4 s, 16 rows 0.22 s against 0.18 s. Decode (one token per row, any batch) always
+# takes the kernel, so a decoding row's result never depends on its batch.
+F32_PREFILL_MIN_TOKENS = 32
+
+
+def _prompt_chunk(x: jax.Array) -> bool:
+    """x [B, T, D] holds a prompt chunk of T >= F32_PREFILL_MIN_TOKENS tokens per row."""
+    return x.ndim == 3 and x.shape[1] >= F32_PREFILL_MIN_TOKENS
+
+
 def _packed_linear(x: jax.Array, w: PackedMatrix) -> jax.Array:
-    if kernel_usable():
+    if kernel_usable() and not _prompt_chunk(x):
         return cpu_kernels.quant_matmul(x, w.raw, w.qtype, w.n_cols, w.act_planes)
     return packed_linear_fallback(x, w)
+
+
+def linear_many(x: jax.Array, ws: tuple[Matrix, ...]) -> tuple[jax.Array, ...]:
+    """`linear(x, w)` for each w of a group sharing its input (q/k/v, gate/up). Packed matrices
+    go to the kernel as one call, which rounds x once and splits all outputs over the threads:
+    at one row that halved the 30 layers' matmul time here (separate calls each paid a thread
+    hand-off and a wait). Results equal `linear`'s exactly."""
+    packed = all(isinstance(w, PackedMatrix) for w in ws)
+    if (packed and len(ws) > 1 and kernel_usable() and not _prompt_chunk(x)
+            and len({(w.n_cols, w.act_planes) for w in ws}) == 1):
+        return cpu_kernels.quant_matmul_many(x, tuple(w.raw for w in ws),
+                                             tuple(w.qtype for w in ws), ws[0].n_cols,
+                                             ws[0].act_planes)
+    return tuple(linear(x, w) for w in ws)
 
 
 def packed_linear_fallback(x: jax.Array, w: PackedMatrix) -> jax.Array:

@@ -28,6 +28,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from realm_nb import cpu_kernels, weights
+from realm_nb.errors import ShapeMismatchError
 from realm_nb.weights import PackedMatrix
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
@@ -186,6 +187,34 @@ def test_slower_paths_match_reference(path: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, check=False, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("n", [1, 5, 17])
+def test_one_call_for_several_matrices_equals_separate_calls(n: int, planes: int) -> None:
+    """q/k/v and gate/up share x: the grouped call (mixed types, so x is rounded for each weight
+    offset) gives each matrix exactly what its own call gives, and the reference within bound."""
+    cases = [random_case(qt, n, n_out=o, n_in=96, seed=10 + i)
+             for i, (qt, o) in enumerate([(QT.Q4_1, 70), (QT.Q8_0, 33), (QT.Q4_0, 260)])]
+    x = cases[0][0]
+    raws = tuple(jnp.asarray(raw) for _, raw in cases)
+    many = jax.jit(cpu_kernels.quant_matmul_many,
+                   static_argnames=("qtypes", "n_cols", "act_planes"))
+    ys = many(jnp.asarray(x), raws, qtypes=tuple(TYPES[i] for i in (1, 2, 0)), n_cols=96,
+              act_planes=planes)
+    for (_, raw), qt, y in zip(cases, (QT.Q4_1, QT.Q8_0, QT.Q4_0), ys, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), run(x, raw, qt, planes))
+        ref, tol = reference(x, raw, qt, planes)
+        assert np.all(np.abs(np.asarray(y) - ref) <= tol)
+
+
+def test_grouped_call_refuses_mismatched_operands() -> None:
+    x = jnp.zeros((2, 64), jnp.float32)
+    raw = jnp.asarray(random_case(QT.Q8_0, 2, 8, 64)[1])
+    with pytest.raises(ShapeMismatchError):
+        cpu_kernels.quant_matmul_many(x, (raw,), (QT.Q8_0, QT.Q8_0), 64)
+    with pytest.raises(ShapeMismatchError):
+        cpu_kernels.quant_matmul_many(x, (raw, raw[:, :10]), (QT.Q8_0, QT.Q8_0), 64)
 
 
 # ================================================================ the packed layout
