@@ -85,7 +85,7 @@ def test_cancel_while_waiting_for_a_slot_ends_cancelled(kernel: RealmKernel) -> 
     """A request cancelled before it got a KV-cache slot still ends with a Generation."""
     entry = kernel.model(MODEL)
     sched = kernel.scheduler(entry)
-    hogs = [sched.open("hog") for _ in range(kernel.store.n_slots)]
+    hogs = [sched.open(f"hog-{i}") for i in range(kernel.store.n_slots)]  # one slot each
     try:
         s = kernel.generate(tenant="kernel-tests", model=MODEL, prompt="Hi",
                             params=SamplingParams(max_tokens=4, temperature=0))

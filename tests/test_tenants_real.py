@@ -280,9 +280,9 @@ def test_queue_waits_then_refuses(smollm2_path: Path) -> None:
     second = k.generate(tenant="q2", model=MODEL, prompt=STORY, params=greedy)
     sched = k.scheduler(k.model(MODEL))
     deadline = time.monotonic() + 10
-    while sched._waiting < 1 and time.monotonic() < deadline:
+    while sched.waiting < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert sched._waiting == 1 and not second.done
+    assert sched.waiting == 1 and not second.done
 
     third = k.generate(tenant="q3", model=MODEL, prompt=STORY, params=greedy)
     t0 = time.monotonic()
