@@ -202,7 +202,11 @@ REALM_AVX2 void rows_avx2(const Job& job, int64_t o0, int64_t o1) {
       for (int j = 0; j < rt; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * ts;
-        const __m256 dw = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+        // d (and Q4_1's m) converted together: one load and one vcvtph2ps for both
+        int32_t dm_bits;
+        std::memcpy(&dm_bits, blk, 4);
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+        const __m256 dw = _mm256_broadcastss_ps(dm);
         __m256i wv;
         if (kType == kQ8_0) {
           wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at));
@@ -210,7 +214,7 @@ REALM_AVX2 void rows_avx2(const Job& job, int64_t o0, int64_t o1) {
           const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qs_at));
           wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
         }
-        const __m256 mv = kType == kQ4_1 ? _mm256_set1_ps(_cvtsh_ss(load_u16(blk + 2)))
+        const __m256 mv = kType == kQ4_1 ? _mm256_broadcastss_ps(_mm_movehdup_ps(dm))
                                          : _mm256_setzero_ps();
         // Q8_0 is signed: |w| as u8 against sign(w)*x (llama.cpp's trick), no offset needed.
         const __m256i wu = kType == kQ8_0 ? _mm256_sign_epi8(wv, wv) : wv;
@@ -224,8 +228,16 @@ REALM_AVX2 void rows_avx2(const Job& job, int64_t o0, int64_t o1) {
             dot = _mm256_add_epi32(
                 dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.corr.data() + at)));
           const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(a.d.data() + at));
-          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[j]);
-          if (kType == kQ4_1) acc[j] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(a.s.data() + at), acc[j]);
+          // Q4_1's two terms are formed off the accumulator's dependency chain, which then
+          // carries one add per block: chained as two FMAs, their latency bounded a row's speed
+          // (Q4_1 [16384, 576], one row, one thread: 2.04 → 1.58 ms).
+          if (kType == kQ4_1) {
+            __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc);
+            t = _mm256_fmadd_ps(mv, _mm256_loadu_ps(a.s.data() + at), t);
+            acc[j] = _mm256_add_ps(acc[j], t);
+          } else {
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[j]);
+          }
         }
       }
       for (int j = 0; j < rt; ++j) job.y[(r0 + j) * job.n_out + o] = hsum8(acc[j]);

@@ -6,10 +6,11 @@ Reference: weights as `gguf.quants.dequantize` expands them; activations rounded
 llama.cpp way (dx = amax/127 in f32, q = round-half-even(x * (1/dx)) in f32); the product summed
 in float64. The kernel computes the same sum with each block's dot exact in int32, so it differs
 from the reference only by f32 rounding: one rounding for dw*dx, one per fused multiply-add of
-a block into a lane (nb/2 or nb per lane), the lane reduction (4 levels), and for Q4_1 the
+a block into a lane (nb/2 or nb per lane; Q4_1 forms each block's term with a multiply and an FMA
+before adding it, three roundings per block), the lane reduction (4 levels), and for Q4_1 the
 rounding of dx*sum(q) and of gguf's own d*q + m. Each of those is at most u = 2^-24 relative to
 the magnitude of the terms, sum_i (|d q_i| + |m|) |xq_i| <= sum_i (|W_i| + 2|m|) |xq_i|, so the
-tolerance below is (nb + 8) * 2u times that magnitude: a bound, not a fitted constant.
+tolerance below is (3 nb / 2 + 8) * 2u times that magnitude: a bound, not a fitted constant.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def weight_magnitude(raw: np.ndarray, qtype: QT, w: np.ndarray) -> np.ndarray:
 def reference(x: np.ndarray, raw: np.ndarray, qtype: QT, planes: int = 1
               ) -> tuple[np.ndarray, np.ndarray]:
     """(y float64 [N, O], tolerance [N, O]) for the kernel on x f32 [N, I] and GGUF rows raw.
-    With two planes each is bounded as above, plus one rounding for adding them (nb + 9)."""
+    With two planes each is bounded as above, plus one rounding for adding them (+1)."""
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)  # [O, I]
     xqs = quantize_acts(x, planes)
     nb = x.shape[1] // 32
     mag = weight_magnitude(raw, qtype, w).T
-    tol = (nb + 9) * 2 * U * sum(np.abs(xq) @ mag for xq in xqs)
+    tol = (3 * nb / 2 + 9) * 2 * U * sum(np.abs(xq) @ mag for xq in xqs)
     return sum(xqs) @ w.T, tol
 
 
