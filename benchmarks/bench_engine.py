@@ -3,9 +3,10 @@
     python benchmarks/bench_engine.py [--model smollm2-135m] [--decode 128] [--repeat 3]
 
 Prints, per layout: decode tok/s (single stream, host loop over the jitted decode_step), prefill
-tok/s for a 128-token prompt, time to first token after a 5-token prompt; then the `fast` layout's
+tok/s for a 128-token prompt, time to first token after a 5-token prompt; then each layout's
 teacher-forced top-1 agreement with `exact` over a fixed text (>= 500 positions), its near-ties,
-and both perplexities. The reference speeds are llama.cpp's on this machine as recorded in
+and both perplexities, scored twice: logits of one prefill over the text (prompt chunks), and
+logits of decode steps fed the text a token at a time (what generation runs). The reference speeds are llama.cpp's on this machine as recorded in
 ../shared/FACTS.md (llama.cpp is not installed here, so they are quoted, not re-measured).
 """
 
@@ -93,6 +94,15 @@ def timed_ttft(engine: Engine) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def decode_logits(engine: Engine, ids: list[int]) -> np.ndarray:
+    """Teacher forcing through decode steps: position i's logits from a step fed ids[i]."""
+    rows = [engine.prefill(0, ids[:1], 0)]
+    for i in range(1, len(ids)):
+        rows.append(engine.decode_step([0], [ids[i]], [i])[0])
+    engine.release(0)
+    return np.stack(rows).astype(np.float64)
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -117,6 +127,8 @@ def main() -> None:
         rows[layout] = {"decode_tok_s": dec, "prefill_tok_s": pre, "ttft_ms": ttft}
         logits = engine.prefill(3, ids, 0, all_logits=True)
         logprobs[layout] = log_softmax(logits.astype(np.float64))
+        if layout != "exact":  # decode runs another path (packed: the kernel, not f32 dots)
+            logprobs[f"{layout} decode"] = log_softmax(decode_logits(engine, ids))
         del engine
 
     print(f"\nmodel {args.model}; single stream; medians of {args.repeat} runs")
@@ -131,7 +143,7 @@ def main() -> None:
     print(f"{'llama.cpp':8} {ref['decode_tok_s']:13.1f} {'':12} {ref['prefill_tok_s']:17.1f}"
           f" {'':12} {ref['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
 
-    for name in ("fast", "packed"):
+    for name in ("fast", "fast decode", "packed", "packed decode"):
         exact, fast = logprobs["exact"], logprobs[name]
         top_e, top_f = exact.argmax(-1), fast.argmax(-1)
         n = len(top_e)

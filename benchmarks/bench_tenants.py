@@ -16,9 +16,12 @@ llama.cpp is not installed here: its figures are quoted from ../shared/FACTS.md 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 N_SLOTS, MAX_CONTEXT = 16, 512
 os.environ["REALM_NB_SLOTS"] = str(N_SLOTS)  # the shared kernel local Realms use
@@ -27,6 +30,8 @@ os.environ["REALM_NB_CONTEXT"] = str(MAX_CONTEXT)
 from realm_nb.kernel import RealmKernel  # noqa: E402
 from realm_nb.sdk import Realm  # noqa: E402
 from realm_nb.types import Generation  # noqa: E402
+
+T = TypeVar("T")
 
 PROMPT_LEN = 16
 CONCURRENCY = (1, 4, 16)
@@ -56,20 +61,21 @@ def prompts(kernel: RealmKernel, model: str, n: int) -> list[list[int]]:
     return out
 
 
-def run_concurrent(model: str, batch: list[list[int]], new: int, tag: str) -> tuple[float, int]:
-    """All prompts at once, one tenant and thread each; returns (wall seconds, new tokens)."""
-    realms = [Realm(mode="local", default_model=model, tenant=f"{tag}-{i}")
-              for i in range(len(batch))]
-    results: list[Generation | None] = [None] * len(batch)
-    barrier = threading.Barrier(len(batch) + 1)
+def at_once(jobs: list[Callable[[], T]]) -> tuple[float, list[T]]:
+    """Run every job on its own thread, released together; returns (wall seconds from the release
+    to the last finish, each job's result). A job's exception is raised here, after all joined."""
+    results: list[T | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(jobs) + 1)
 
     def one(i: int) -> None:
         barrier.wait()
-        g = realms[i].generate(prompt=batch[i], max_tokens=new, temperature=0)
-        assert isinstance(g, Generation)
-        results[i] = g
+        try:
+            results[i] = jobs[i]()
+        except BaseException as e:  # re-raised below, on the caller's thread
+            errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     barrier.wait()
@@ -77,8 +83,24 @@ def run_concurrent(model: str, batch: list[list[int]], new: int, tag: str) -> tu
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    assert all(g is not None for g in results), "a tenant failed"
-    return wall, sum(len(g.token_ids) for g in results if g is not None)
+    if errors:
+        raise errors[0]
+    return wall, cast("list[T]", results)
+
+
+def run_concurrent(model: str, batch: list[list[int]], new: int, tag: str) -> tuple[float, int]:
+    """All prompts at once, one tenant and thread each; returns (wall seconds, new tokens)."""
+    realms = [Realm(mode="local", default_model=model, tenant=f"{tag}-{i}")
+              for i in range(len(batch))]
+
+    def job(realm: Realm, prompt: list[int]) -> Generation:
+        g = realm.generate(prompt=prompt, max_tokens=new, temperature=0)
+        assert isinstance(g, Generation)
+        return g
+
+    wall, results = at_once([functools.partial(job, r, p) for r, p in zip(realms, batch,
+                                                                          strict=True)])
+    return wall, sum(len(g.token_ids) for g in results)
 
 
 def main() -> None:
