@@ -198,6 +198,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys for `realm-nb serve --api-keys FILE`: add (stored hashed), list, hash."""
+    from .server_auth import HASH_PREFIX, add_key, hash_key, load_keys
+
+    if args.keys_command == "hash":
+        print(hash_key(args.key))
+        return 0
+    if args.keys_command == "list":
+        for key, c in load_keys(args.file).items():
+            shown = key[:len(HASH_PREFIX) + 12] if key.startswith(HASH_PREFIX) else \
+                key[:6] + "... (plain: replace it with `realm-nb keys add`)"
+            rate = f"{c.rate:g}/s burst {c.burst}" if c.rate is not None else "no rate limit"
+            names = ", names tenants" if c.name_tenants else ""
+            print(f"{c.tenant}\t{c.role}\t{rate}{names}\t{shown}")
+        return 0
+    key = add_key(args.file, tenant=args.tenant, role=args.role, rate=args.rate,
+                  burst=args.burst, name_tenants=args.name_tenants)
+    print(key)
+    print(f"realm-nb: added a key for tenant {args.tenant!r} ({args.role}) to {args.file}, "
+          "stored hashed: this is the only time the key is shown", file=sys.stderr)
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=128)
     p.add_argument("-t", "--temperature", type=float, default=0.8)
@@ -278,7 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "(how a Jupyter server starts its runtime)")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (no orphan runtime)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted (413 past it); default 4 MiB")
+    p.add_argument("--allowed-host", action="append", default=None,
+                   help="Host name a server without keys on loopback also answers (repeatable)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys for `serve --api-keys`: add (hashed), list, hash")
+    verbs = p.add_subparsers(dest="keys_command", required=True)
+    k = verbs.add_parser("add", help="make a key, append it hashed to the file, print it once")
+    k.add_argument("--file", default="keys.toml", help="the keys file (default keys.toml)")
+    k.add_argument("--tenant", required=True, help="the tenant the key acts as")
+    k.add_argument("--role", choices=("tenant", "admin"), default="tenant",
+                   help="admin: may load, unload and name models, and read /metrics")
+    k.add_argument("--rate", type=float, default=None, help="requests per second (none: no limit)")
+    k.add_argument("--burst", type=int, default=None, help="token-bucket size (default 10)")
+    k.add_argument("--name-tenants", action="store_true",
+                   help="the key may act as any tenant named in X-Realm-Tenant")
+    k = verbs.add_parser("list", help="tenants and roles of a keys file (never the keys)")
+    k.add_argument("--file", default="keys.toml")
+    k = verbs.add_parser("hash", help="print the sha256: form of a key, for the keys file")
+    k.add_argument("key")
+    p.set_defaults(fn=cmd_keys)
     return parser
 
 

@@ -69,6 +69,12 @@ class ChatTemplateError(RealmError):
     code = "chat_template_error"
 
 
+class ChatTemplateBudgetError(ChatTemplateError):
+    """A chat template ran past its time or size budget (a loop that never ends, a huge string)."""
+
+    code = "chat_template_budget_exceeded"
+
+
 # --- models and requests -------------------------------------------------------------------------
 
 
@@ -93,6 +99,34 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class ModelInUseError(InvalidRequestError):
+    """A model cannot be unloaded or renamed now: requests are running on it."""
+
+    status_code = 409
+    code = "model_in_use"
+
+
+class ModelNameTakenError(InvalidRequestError):
+    """A model name already stands for another file (names are never silently rebound)."""
+
+    status_code = 409
+    code = "model_name_taken"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts (answered before the body is read)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A state-changing request whose body is not JSON (e.g. a cross-site form post)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class QueueFullError(RealmError):
     status_code = 503
     code = "queue_full"
@@ -101,6 +135,13 @@ class QueueFullError(RealmError):
 class MemoryBudgetError(RealmError):
     status_code = 507
     code = "memory_budget_exceeded"
+
+
+class StreamBusyError(RealmError):
+    """A generation's stream was iterated from a second thread while another thread reads it."""
+
+    status_code = 409
+    code = "stream_busy"
 
 
 # --- the sandbox ---------------------------------------------------------------------------------
@@ -172,6 +213,8 @@ def error_from_payload(payload: dict[str, Any], status_code: int) -> RealmError:
             401: AuthenticationError,
             403: PermissionDeniedError,
             404: ModelNotFoundError,
+            413: RequestTooLargeError,
+            415: UnsupportedMediaTypeError,
             422: InvalidRequestError,
             429: RateLimitError,
         }.get(status_code, RealmError)

@@ -7,10 +7,11 @@ the token loop, and returns a `GenerationStream` of text pieces that ends with a
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
-import itertools
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from . import abi
-from .errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from .chat_template import TemplateBudget
+from .errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    StreamBusyError,
+)
 from .host import RequestHost
 from .scheduler import Scheduler
 from .store import LayerStore, ModelEntry
@@ -36,6 +43,18 @@ def _check_model_name(name: object) -> None:
         raise InvalidRequestError(
             f"model={name!r} must be a model name, alias, id or .gguf path (a non-empty "
             "string); see models()", param="model")
+
+
+def _stop_and_join(sched: Scheduler, timeout_s: float = 60.0) -> None:
+    """Stop a scheduler and wait for its step thread to end. It holds the engine's device
+    arrays: a daemon thread that drops the last of them while the interpreter shuts down aborts
+    the process (jaxlib's array destructor re-takes the GIL, which ends the thread inside a
+    noexcept destructor: "terminate called after throwing an instance of ''", rc 134). Joined,
+    the arrays go while the process is alive."""
+    sched.stop()
+    worker = sched._worker
+    if worker is not None and worker is not threading.current_thread():
+        worker.join(timeout_s)
 
 
 class _Done:
@@ -72,6 +91,8 @@ class GenerationStream:
         self.cancel_event = threading.Event()
         self._queue: queue.Queue[str | _Done | _Progress] = queue.Queue()
         self._finished = threading.Event()
+        self._reader: threading.Thread | None = None  # the thread iterating, one at a time
+        self._reader_lock = threading.Lock()
 
     # producer side
     def _put(self, piece: str) -> None:
@@ -93,7 +114,21 @@ class GenerationStream:
     def cancel(self) -> None:
         self.cancel_event.set()
 
+    def _claim(self) -> None:
+        """Make this thread the stream's reader. Two threads taking pieces from one queue would
+        split the text between them, and one of them would wait for ever for the end."""
+        me = threading.current_thread()
+        with self._reader_lock:
+            other = self._reader
+            if other is not None and other is not me and other.is_alive():
+                raise StreamBusyError(
+                    f"request {self.request_id}: thread {me.name!r} iterates this stream while "
+                    f"thread {other.name!r} reads it; read a stream from one thread (other "
+                    "threads can wait with result())", request_id=self.request_id)
+            self._reader = me
+
     def __iter__(self) -> Iterator[str]:
+        self._claim()
         try:
             while True:
                 try:
@@ -101,6 +136,10 @@ class GenerationStream:
                     # signal (`_thread.interrupt_main`, Windows) until the next piece comes.
                     item = self._queue.get(timeout=_POLL_S)
                 except queue.Empty:
+                    if self._finished.is_set() and self._queue.empty():  # read to the end before
+                        if self.error is not None:
+                            raise self.error from None
+                        return
                     continue
                 if isinstance(item, _Done):
                     if item.error is not None:
@@ -116,6 +155,10 @@ class GenerationStream:
             self._finished.wait()
             if not isinstance(self.error, Cancelled) and self.error is not None:
                 raise self.error from None
+        finally:
+            with self._reader_lock:
+                if self._reader is threading.current_thread():
+                    self._reader = None
 
     def close(self) -> None:
         self.cancel()
@@ -201,14 +244,14 @@ class RealmKernel:
 
     def __init__(self, *, n_slots: int = 8, max_context: int = 2048,
                  budget_bytes: int | None = None, layout: str | None = None,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, tenant_slots: int | None = None) -> None:
         self.store = LayerStore(budget_bytes=budget_bytes, n_slots=n_slots,
                                 max_context=max_context, layout=layout)
         self.max_queue = max_queue
+        self.tenant_slots = tenant_slots  # None: the scheduler's default (all slots but one)
         self._schedulers: dict[str, Scheduler] = {}
         self._tenants: dict[str, _TenantRecord] = {}
         self._requests: dict[str, GenerationStream] = {}
-        self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self.counters = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "cancelled": 0,
                          "errors": 0}
@@ -222,7 +265,10 @@ class RealmKernel:
                     n_slots=int(os.environ.get("REALM_NB_SLOTS", "8")),
                     max_context=int(os.environ.get("REALM_NB_CONTEXT", "2048")),
                     layout=os.environ.get("REALM_NB_WEIGHTS") or None,  # None: the default
+                    tenant_slots=int(os.environ["REALM_NB_TENANT_SLOTS"])
+                    if os.environ.get("REALM_NB_TENANT_SLOTS") else None,
                 )
+                atexit.register(cls._shared.shutdown)
             return cls._shared
 
     # ------------------------------------------------------------------ models
@@ -255,15 +301,32 @@ class RealmKernel:
             with self._lock:
                 sched = self._schedulers.pop(entry.id, None)
             if sched is not None:
-                sched.stop()
+                _stop_and_join(sched)
         return entries[0].info()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Cancel the running requests and stop every scheduler, waiting (up to `timeout_s`)
+        for their threads. Runs at interpreter exit (atexit), while threads can still finish:
+        a daemon thread cut off later, inside an XLA call or while dropping device arrays,
+        aborts the process (rc 134), and a stream closed at teardown would wait for ever."""
+        with self._lock:
+            streams = list(self._requests.values())
+            schedulers = list(self._schedulers.values())
+        for stream in streams:
+            stream.cancel()
+        end = time.monotonic() + timeout_s
+        for stream in streams:
+            stream._finished.wait(max(0.0, end - time.monotonic()))
+        for sched in schedulers:
+            _stop_and_join(sched, max(0.0, end - time.monotonic()))
 
     def scheduler(self, entry: ModelEntry) -> Scheduler:
         with self._lock:
             sched = self._schedulers.get(entry.id)
             if sched is None:
                 sched = Scheduler(lambda: self.store.ensure_resident(entry), self.store.n_slots,
-                                  max_queue=self.max_queue, name=entry.name)
+                                  max_queue=self.max_queue, name=entry.name,
+                                  tenant_slots=self.tenant_slots)
                 self._schedulers[entry.id] = sched
             return sched
 
@@ -279,8 +342,13 @@ class RealmKernel:
 
     # ------------------------------------------------------------------ text helpers
 
-    def render_chat(self, model: str, messages: list[dict[str, Any]]) -> str:
-        return self.model(model).codec.render_chat(validate_messages(messages))
+    def render_chat(self, model: str, messages: list[dict[str, Any]], *,
+                    budget: TemplateBudget | None = None,
+                    check: Callable[[], None] | None = None) -> str:
+        """The model's chat template over `messages`, within `budget` (see chat_template);
+        `check` is called while it renders and may raise to stop it (a cancelled request)."""
+        return self.model(model).codec.render_chat(validate_messages(messages), budget=budget,
+                                                   check=check)
 
     def tokenize(self, model: str, text: str) -> list[int]:
         return self.model(model).codec.encode(text)
@@ -295,10 +363,12 @@ class RealmKernel:
                                      or not 0 <= logprobs <= 20):
             raise InvalidRequestError(f"logprobs={logprobs!r} must be an integer in 0..20",
                                       param="logprobs")
+        if not isinstance(echo, bool):
+            raise InvalidRequestError(f"echo={echo!r} must be true or false", param="echo")
         entry = self.model(model, weights)
         prompt_ids = self._prompt_ids(entry, prompt)
         rec = self.tenant(tenant)
-        rid = f"req-{next(self._ids)}"
+        rid = f"req-{secrets.token_hex(8)}"  # not a sequence: ids tell nothing of others' requests
         stream = GenerationStream(rid, tenant, entry.name)
         with self._lock:
             self._requests[rid] = stream
@@ -321,7 +391,18 @@ class RealmKernel:
 
     def _prompt_ids(self, entry: ModelEntry, prompt: str | list[int]) -> list[int]:
         vocab = entry.cfg.vocab_size
+        context = min(self.store.max_context, entry.cfg.context_length)
         if isinstance(prompt, str):
+            # Characters before tokens: no token holds more than max_token_chars characters, so
+            # a longer prompt cannot fit and is refused without tokenizing it.
+            most = context * entry.codec.max_token_chars() + 1
+            if len(prompt) > most:
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt)} characters; this model's context holds "
+                    f"{context} tokens (prompt plus output), at most {most} characters of text "
+                    "(its longest token has "
+                    f"{entry.codec.max_token_chars()} characters); shorten the prompt",
+                    param="prompt")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer raises TypeError
@@ -330,6 +411,10 @@ class RealmKernel:
                     f"character {e.start} is a lone surrogate; send UTF-8 text",
                     param="prompt") from None
             ids = entry.codec.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and len(prompt) >= context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; this model's context holds {context} "
+                "(prompt plus output); shorten it", param="prompt")
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]

@@ -1,4 +1,5 @@
-"""The IPython face: `%load_ext realm_nb`, the `%realm` line verbs and `%%realm generate`.
+"""The IPython face: `%load_ext realm_nb`, the `%realm` line verbs, `%%realm generate` and
+`%%realm chat` (a conversation kept per notebook).
 
 Grammar apart from actions (after jupyter-ai's magics): `build_parser` is the one argument
 grammar, built on IPython's `MagicArgumentParser` so that a bad flag is a one-line `UsageError`;
@@ -6,34 +7,41 @@ each verb has one `handle_<verb>` method. Settings are traitlets with `config=Tr
 
     %config RealmMagics.default_model = "smollm2-135m"
 
+Sampling defaults (max tokens, temperature, top-k, top-p, min-p, repetition penalty) come from
+`SamplingParams`, the one source the panel follows too.
+
 Loading the extension imports neither JAX nor wasmtime: the `Realm` is made on first use.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import re
 import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any, NoReturn
 
-from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.display import display
 from IPython.utils.process import arg_split
 from traitlets import Float, Int, Unicode
 
 from .catalogue import DEFAULT_MODEL
-from .errors import PullError, RealmError, ServerConnectionError
-from .types import Generation
+from .cell_output import LiveCell, code_cell, output_metadata
+from .errors import (
+    ContextLengthError,
+    ModelNotFoundError,
+    PullError,
+    RealmError,
+    ServerConnectionError,
+)
+from .types import Generation, SamplingParams
 
-UPDATE_INTERVAL_S = 0.1  # streamed cell output: at most ~10 display updates a second
 FORMATS = ("text", "markdown", "code")
+CELL_VERBS = ("generate", "chat")
+CHAT_ACTIONS = ("history", "reset")
 
 # ----------------------------------------------------------------------------- grammar
 
@@ -52,13 +60,40 @@ class _Parser(MagicArgumentParser):
         raise UsageError(f"{self.prog}: {' '.join(message.split())} (see %realm help)")
 
 
+def _add_sampling_flags(v: argparse.ArgumentParser) -> None:
+    """The flags `%%realm generate` and `%%realm chat` share; defaults as in `SamplingParams`."""
+    d = SamplingParams  # the one source of defaults (the panel starts from it too)
+    v.add_argument("-m", "--model", help="model name (default: RealmMagics.default_model)")
+    v.add_argument("-n", "--max-tokens", type=int,
+                   help=f"most tokens to generate (default {d.max_tokens})")
+    v.add_argument("-t", "--temperature", type=float,
+                   help=f"0 = greedy (default {d.temperature})")
+    v.add_argument("--top-k", type=int,
+                   help=f"sample among the k likeliest tokens (default {d.top_k})")
+    v.add_argument("--top-p", type=float,
+                   help=f"nucleus: the likeliest tokens up to this mass (default {d.top_p})")
+    v.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the "
+                   f"likeliest (default {d.min_p})")
+    v.add_argument("--repeat-penalty", type=float, help="penalise tokens seen in the last "
+                   f"{d.repeat_window} (1 = off, 1.1-1.3 curbs loops; default {d.repeat_penalty})")
+    v.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
+    v.add_argument("--stop", action="append", help="stop string, \\n escapes allowed (repeatable)")
+    v.add_argument("-o", "--output", metavar="VAR", help="store the Generation in VAR")
+    v.add_argument("-f", "--format", choices=FORMATS, default="text",
+                   help="render the result as text, markdown, or code (inserted as a new cell)")
+    v.add_argument("--no-stream", action="store_true", help="show the result only at the end")
+    v.add_argument("--no-interpolate", action="store_true",
+                   help="send the cell as written, without filling {name} / {In[n]} / {Out[n]}")
+
+
 def build_parser() -> _Parser:
     """The whole `%realm` / `%%realm` grammar: one sub-parser per verb."""
     p = _Parser(prog="%realm", description="Run GGUF models in this kernel (realm-nb).")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
 
-    v = sub.add_parser("help", help="show this help, or one verb's", prog="%realm help")
+    v = sub.add_parser("help", help="list the verbs, or show one verb's flags",
+                       prog="%realm help")
     v.add_argument("topic", nargs="?", help="a verb")
     sub.add_parser("list", help="models in the registry (catalogue and loaded)",
                    prog="%realm list")
@@ -74,26 +109,22 @@ def build_parser() -> _Parser:
     v = sub.add_parser("connect", help="talk to a realm-nb server at URL", prog="%realm connect")
     v.add_argument("url")
     v.add_argument("--api-key", help="API key (maps to a tenant on the server)")
-    sub.add_parser("disconnect", help="back to the in-process kernel", prog="%realm disconnect")
+    sub.add_parser("disconnect", help="back to the runtime found at start (or this kernel)",
+                   prog="%realm disconnect")
     sub.add_parser("status", help="mode, default model, tenants, counters", prog="%realm status")
     sub.add_parser("panel", help="the interactive panel (RealmPanel)", prog="%realm panel")
 
-    v = sub.add_parser("generate", help="(cell magic) complete the cell's text",
-                       prog="%%realm generate")
-    v.add_argument("-m", "--model", help="model name (default: RealmMagics.default_model)")
-    v.add_argument("-n", "--max-tokens", type=int, help="most tokens to generate")
-    v.add_argument("-t", "--temperature", type=float, help="0 = greedy")
-    v.add_argument("--top-k", type=int)
-    v.add_argument("--top-p", type=float)
-    v.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
-    v.add_argument("--stop", action="append", help="stop string, \\n escapes allowed (repeatable)")
-    v.add_argument("-o", "--output", metavar="VAR", help="store the Generation in VAR")
-    v.add_argument("-f", "--format", choices=FORMATS, default="text",
-                   help="render the result as text, markdown, or code (inserted as a new cell)")
-    v.add_argument("--no-stream", action="store_true", help="show the result only at the end")
-    v.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    v.add_argument("--no-interpolate", action="store_true",
-                   help="send the cell as written, without filling {name} / {In[n]} / {Out[n]}")
+    v = sub.add_parser("generate", help="(cell) complete the cell's text; --chat for one "
+                       "chat-template turn", prog="%%realm generate")
+    _add_sampling_flags(v)
+    v.add_argument("--chat", action="store_true",
+                   help="apply the model's chat template (one turn; %%%%realm chat keeps one)")
+    v = sub.add_parser("chat", help="(cell) talk to the model, the conversation kept per "
+                       "notebook; as a line: chat history, chat reset", prog="%%realm chat")
+    v.add_argument("action", nargs="?", choices=CHAT_ACTIONS,
+                   help="(line) history: show the conversation; reset: start a new one")
+    v.add_argument("--system", help="system prompt of the conversation (kept until reset)")
+    _add_sampling_flags(v)
     return p
 
 
@@ -107,24 +138,37 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
+def _verb_help(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each verb's one-line description, in the grammar's order."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {a.dest: a.help or "" for a in action._choices_actions}
+    return {}
+
+
 # ----------------------------------------------------------------------------- interpolation
 
 # {name} or {In[n]} / {Out[n]}, never inside doubled braces ({{name}} stays as written).
 _FIELD = re.compile(r"(?<!\{)\{(?:(?P<hist>In|Out)\[(?P<n>\d+)\]|(?P<name>[A-Za-z_]\w*))\}(?!\})")
 
 
-def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
+def interpolate(text: str, namespace: Mapping[str, Any],
+                missing: list[str] | None = None) -> str:
     """Fill {identifier} and {In[n]}/{Out[n]} that exist in `namespace`; leave every other brace.
 
     Dict and set comprehensions, JSON, LaTeX and f-string bodies pass through untouched, because
     only a bare identifier or a history reference between single braces is a field, and only
-    when it names something that exists.
+    when it names something that exists. `missing` collects the {identifier}s that do not.
     """
 
     def fill(m: re.Match[str]) -> str:
         if m.group("name") is not None:
             name = m.group("name")
-            return str(namespace[name]) if name in namespace else m.group(0)
+            if name in namespace:
+                return str(namespace[name])
+            if missing is not None and name not in missing:
+                missing.append(name)
+            return m.group(0)
         n = int(m.group("n"))
         hist = namespace.get(m.group("hist"))
         if isinstance(hist, Mapping):
@@ -147,139 +191,20 @@ def unescape_stop(text: str) -> str:
                          "write a backslash as \\\\") from None
 
 
-# ----------------------------------------------------------------------------- cell output
-
-
-def code_of(text: str) -> str:
-    """The first fenced code block of a reply, or the whole reply when it has none."""
-    m = re.search(r"```[\w+-]*\n(.*?)(?:```|\Z)", text, re.S)
-    return (m.group(1) if m else text).strip("\n")
-
-
-class RealmOutput:
-    """What a `%%realm generate` cell shows: the text so far, then the result in its format."""
-
-    def __init__(self, text: str = "", fmt: str = "text", meta: dict[str, Any] | None = None,
-                 live: bool = True, status: bool = False) -> None:
-        self.text, self.fmt, self.meta, self.live = text, fmt, meta or {}, live
-        self.status = status  # a progress line, not generated text
-
-    def footer(self) -> str:
-        m = self.meta
-        if not m:
-            return ""
-        parts = [m["model"], f"{m['tokens']} tokens", f"{m['tok_s']:.1f} tok/s",
-                 f"seed {m['seed']}", f"temperature {m['params'].get('temperature')}",
-                 f"finish: {m['finish_reason']}"]
-        if m["finish_reason"] == "cancelled":
-            parts.append("interrupted, partial text kept")
-        return " · ".join(str(p) for p in parts)
-
-    def _repr_mimebundle_(self, include: Any = None,
-                          exclude: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
-        if self.status:
-            line = html.escape(self.text)
-            return ({"text/plain": self.text,
-                     "text/html": f'<div class="realm-progress" style="opacity:.7">{line}</div>'},
-                    {})
-        data = {"text/plain": self.text}
-        foot = f'<div class="realm-footer" style="opacity:.6;font-size:85%">' \
-               f"{html.escape(self.footer())}</div>" if self.meta else ""
-        if self.live:
-            data["text/html"] = f'<pre class="realm-live">{html.escape(self.text)}▌</pre>'
-        elif self.fmt == "markdown":
-            data["text/markdown"] = self.text + (f"\n\n<sub>{self.footer()}</sub>"
-                                                 if self.meta else "")
-        elif self.fmt == "code":
-            from IPython.display import Code
-
-            code = Code(code_of(self.text), language="python")
-            data["text/html"] = code._repr_html_() + foot
-        else:
-            data["text/html"] = f'<pre class="realm-text">{html.escape(self.text)}</pre>{foot}'
-        return data, ({"realm_nb": self.meta} if self.meta else {})
-
-
-def output_metadata(g: Generation, mode: str) -> dict[str, Any]:
-    """Model, parameters, seed, tokens and speed of one generation (stored with the output)."""
-    params = g.params.to_dict() if g.params is not None else {}
-    return {"model": g.model, "mode": mode, "tenant": g.tenant, "params": params,
-            "seed": params.get("seed"), "tokens": g.usage.get("completion_tokens", 0),
-            "prompt_tokens": g.usage.get("prompt_tokens", 0),
-            "tok_s": round(float(g.timings.get("tokens_per_s", 0.0)), 2),
-            "finish_reason": g.finish_reason}
-
-
-class _LiveCell:
-    """A display handle updated at most every UPDATE_INTERVAL_S, or plain stdout in a terminal."""
-
-    def __init__(self, shell: Any, fmt: str) -> None:
-        self.fmt = fmt
-        self.text = ""
-        self.terminal = type(shell.display_pub) is DisplayPublisher
-        self.handle: Any = None
-        self.last = 0.0
-
-    def progress(self, line: str, terminal: bool = True) -> None:
-        """Show a status line (cold start: loading layers, compiling) until text comes."""
-        if self.terminal:
-            if line and terminal:
-                sys.stderr.write(line + "\n")
-            return
-        self._show(RealmOutput(line, "text", live=False, status=True))
-
-    def on_progress(self, event: dict[str, Any]) -> None:
-        """A cold-start event of the stream → the status line."""
-        if self.text:
-            return
-        stage, model = event.get("stage"), event.get("model", "")
-        if stage == "loading":
-            line = f"realm-nb: loading {model}: layer {event.get('done')}/{event.get('total')}"
-        elif stage == "compiling":
-            line = f"realm-nb: compiling {model} for this machine (first use)…"
-        else:
-            line = f"realm-nb: {stage}…"
-        now = time.monotonic()
-        if now - self.last >= UPDATE_INTERVAL_S or stage != "loading":
-            self.last = now
-            self.progress(line)
-
-    def append(self, piece: str) -> None:
-        self.text += piece
-        if self.terminal:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            return
-        now = time.monotonic()
-        if now - self.last >= UPDATE_INTERVAL_S:
-            self.last = now
-            self._show(RealmOutput(self.text, self.fmt, live=True))
-
-    def finish(self, text: str, meta: dict[str, Any]) -> None:
-        out = RealmOutput(text, self.fmt, meta, live=False)
-        if self.terminal:
-            sys.stdout.write(("\n" if self.text else text + "\n") + out.footer() + "\n")
-            return
-        self._show(out)
-
-    def _show(self, obj: RealmOutput) -> None:
-        if self.handle is None:
-            self.handle = display(obj, display_id=True)
-        else:
-            self.handle.update(obj)
-
-
 # ----------------------------------------------------------------------------- errors
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
-    """RealmErrors caused by the user's input or setup become one-line UsageErrors."""
+def _user_errors(context_hint: str = "") -> Iterator[None]:
+    """RealmErrors caused by the user's input or setup become one-line UsageErrors
+    (`context_hint` is added to a ContextLengthError's)."""
     try:
         yield
     except RealmError as e:
         if e.status_code < 500 or isinstance(e, (PullError, ServerConnectionError)):
-            raise UsageError(f"{type(e).__name__}: {' '.join(e.message.split())}") from None
+            hint = context_hint if isinstance(e, ContextLengthError) else ""
+            raise UsageError(f"{type(e).__name__}: {' '.join(e.message.split())}{hint}") \
+                from None
         raise
 
 
@@ -292,9 +217,17 @@ class RealmMagics(Magics):
 
     default_model = Unicode(DEFAULT_MODEL, help="model used when -m is not given").tag(
         config=True)
-    max_tokens = Int(128, help="tokens generated when -n is not given").tag(config=True)
-    temperature = Float(0.8, help="temperature when -t is not given (0 = greedy)").tag(
+    # Sampling defaults: SamplingParams' own, as in the panel (RealmPanel).
+    max_tokens = Int(SamplingParams.max_tokens, help="tokens generated when -n is not given").tag(
         config=True)
+    temperature = Float(SamplingParams.temperature,
+                        help="temperature when -t is not given (0 = greedy)").tag(config=True)
+    top_k = Int(SamplingParams.top_k, help="top-k when --top-k is not given").tag(config=True)
+    top_p = Float(SamplingParams.top_p, help="top-p when --top-p is not given").tag(config=True)
+    min_p = Float(SamplingParams.min_p, help="min-p when --min-p is not given").tag(config=True)
+    repeat_penalty = Float(SamplingParams.repeat_penalty,
+                           help="repetition penalty when --repeat-penalty is not given (1 = off)"
+                           ).tag(config=True)
     tenant = Unicode("", help="tenant id of this notebook's requests (default: the notebook's "
                      "path in Jupyter, else 'default')").tag(config=True)
 
@@ -303,6 +236,9 @@ class RealmMagics(Magics):
         self._realm: Any = None
         self._endpoint: str | None = None
         self._api_key: str | None = None
+        # %%realm chat: this notebook's conversation (user and assistant turns, in order)
+        self.chat_system = ""
+        self.chat_messages: list[dict[str, str]] = []
 
     @property
     def client(self) -> Any:
@@ -333,16 +269,19 @@ class RealmMagics(Magics):
     @line_cell_magic
     def realm(self, line: str, cell: str | None = None) -> Any:
         """realm-nb: %realm help | list | use | load | unload | pull | connect | disconnect |
-        status | panel, and %%realm generate [flags] with the prompt in the cell."""
+        status | panel | chat history | chat reset, and %%realm generate / %%realm chat
+        [flags] with the prompt in the cell."""
         args = PARSER.parse_argstring(line)
+        if args.verb == "chat":
+            return self.handle_chat(args, cell)
         if args.verb == "generate":
             if cell is None:
                 raise UsageError("generate is a cell magic: write %%realm generate [flags] and "
                                  "the prompt on the lines below it")
             return self.handle_generate(args, cell)
         if cell is not None:
-            raise UsageError(f"%%realm {args.verb}: only generate takes a cell; use "
-                             f"%realm {args.verb} on one line")
+            raise UsageError(f"%%realm {args.verb}: only {' and '.join(CELL_VERBS)} take a "
+                             f"cell; use %realm {args.verb} on one line")
         handler = getattr(self, f"handle_{args.verb}")
         return handler(args)
 
@@ -357,10 +296,12 @@ class RealmMagics(Magics):
             print(verbs[args.topic].format_help())
             return
         print(PARSER.description)
-        for sub in verbs.values():
-            print("  " + " ".join(sub.format_usage().split()[1:]))
+        for verb, about in _verb_help(PARSER).items():
+            magic = "%%realm" if verb in CELL_VERBS else "%realm"
+            print(f"  {magic + ' ' + verb:18} {about}")
         print("Settings: %config RealmMagics.default_model = 'NAME' (also max_tokens, "
-              "temperature, tenant). More: %realm help VERB")
+              "temperature, top_k, top_p, min_p, repeat_penalty, tenant). "
+              "Flags of a verb: %realm help VERB")
 
     def handle_list(self, args: argparse.Namespace) -> None:
         with _user_errors():
@@ -374,12 +315,13 @@ class RealmMagics(Magics):
 
     def handle_use(self, args: argparse.Namespace) -> None:
         with _user_errors():
-            models = self.client.models()
-        known = {n for m in models for n in (m.name, m.id, *m.aliases)}
-        if args.name not in known:
-            raise UsageError(f"%realm use: unknown model {args.name!r}; known: "
-                             f"{', '.join(m.name for m in models)} (a .gguf file: %realm load "
-                             "PATH --name NAME first)")
+            try:
+                self.client.use_model(args.name)  # the SDK's check: names, aliases and ids
+            except ModelNotFoundError:
+                models = self.client.models()
+                raise UsageError(f"%realm use: unknown model {args.name!r}; known: "
+                                 f"{', '.join(m.name for m in models)} (a .gguf file: "
+                                 "%realm load PATH --name NAME first)") from None
         self.default_model = args.name
         print(f"default model: {args.name}")
 
@@ -442,33 +384,106 @@ class RealmMagics(Magics):
         return RealmPanel(realm=self.client, model=self.default_model)
 
     def handle_generate(self, args: argparse.Namespace, cell: str) -> None:
-        shell = self.shell
-        assert shell is not None, "the magics are registered with a shell"
-        prompt = cell if args.no_interpolate else interpolate(cell, shell.user_ns)
-        prompt = prompt.strip("\n")
-        if not prompt.strip():
-            raise UsageError("%%realm generate: the cell is empty; write the prompt below the "
-                             "magic line")
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"%%realm generate: -o {args.output!r} is not a Python name")
+        prompt = self._prompt(args, cell, "generate")
         model = args.model or self.default_model
         sampling = self._sampling(args)
-        cell_out = _LiveCell(shell, args.format)
+
+        def start(realm: Any, progress: Callable[[dict[str, Any]], None]) -> Any:
+            if args.chat:  # one turn with the chat template; %%realm chat keeps a conversation
+                return realm.chat([{"role": "user", "content": prompt}], model=model,
+                                  stream=True, on_progress=progress, **sampling)
+            return realm.generate(prompt, model=model, stream=True, on_progress=progress,
+                                  **sampling)
+
+        self._stream_into_cell(args, model, start, continuation=not args.chat)
+
+    def handle_chat(self, args: argparse.Namespace, cell: str | None) -> None:
+        """`%%realm chat`: one more turn of this notebook's conversation, with the model's chat
+        template over the whole of it; `%realm chat history` / `reset` on a line."""
+        if cell is None:
+            if args.action is None:
+                raise UsageError("chat is a cell magic: write %%realm chat [flags] and your "
+                                 "message below it; %realm chat history | reset on a line")
+            if args.action == "reset":
+                self.chat_messages = []
+                self.chat_system = args.system or ""
+                print("realm-nb: new conversation" + (
+                    f" (system: {self.chat_system})" if self.chat_system else ""))
+            else:
+                self._print_chat_history()
+            return
+        if args.action is not None:
+            raise UsageError(f"%%realm chat: {args.action} is a line verb; write "
+                             f"%realm chat {args.action} on its own line")
+        message = self._prompt(args, cell, "chat")
+        if args.system is not None:
+            self.chat_system = args.system
+        model = args.model or self.default_model
+        sampling = self._sampling(args)
+        history = ([{"role": "system", "content": self.chat_system}] if self.chat_system else [])
+        messages = [*history, *self.chat_messages, {"role": "user", "content": message}]
+        turn = len(self.chat_messages) // 2 + 1
+
+        def start(realm: Any, progress: Callable[[dict[str, Any]], None]) -> Any:
+            return realm.chat(messages, model=model, stream=True, on_progress=progress,
+                              **sampling)
+
+        g = self._stream_into_cell(args, model, start, continuation=False, chat_turn=turn,
+                                   context_hint="; the conversation is too long for the model's "
+                                   "context: %realm chat reset starts a new one")
+        if g is not None and g.text:  # an interrupted reply is kept as far as it went
+            self.chat_messages += [{"role": "user", "content": message},
+                                   {"role": "assistant", "content": g.text}]
+
+    def _print_chat_history(self) -> None:
+        if not self.chat_messages and not self.chat_system:
+            print("realm-nb: no conversation yet; %%realm chat starts one")
+            return
+        if self.chat_system:
+            print(f"[system] {self.chat_system}")
+        for i, m in enumerate(self.chat_messages):
+            turn = i // 2 + 1
+            print(f"[{turn} {m['role']}] {m['content'].strip()}")
+
+    # -- generation into the cell ----------------------------------------------------------
+
+    def _prompt(self, args: argparse.Namespace, cell: str, verb: str) -> str:
+        """The cell's text with {name} fields filled; one line on stderr for unknown names."""
+        shell = self.shell
+        assert shell is not None, "the magics are registered with a shell"
+        missing: list[str] = []
+        prompt = cell if args.no_interpolate else interpolate(cell, shell.user_ns, missing)
+        prompt = prompt.strip("\n")
+        if not prompt.strip():
+            raise UsageError(f"%%realm {verb}: the cell is empty; write the prompt below the "
+                             "magic line")
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"%%realm {verb}: -o {args.output!r} is not a Python name")
+        if missing:
+            names = ", ".join("{" + n + "}" for n in missing)
+            print(f"realm-nb: {names} {'is' if len(missing) == 1 else 'are'} not defined in "
+                  "this notebook, sent as written (--no-interpolate sends every brace as "
+                  "written)", file=sys.stderr)
+        return prompt
+
+    def _stream_into_cell(self, args: argparse.Namespace, model: str,
+                          start: Callable[[Any, Callable[[dict[str, Any]], None]], Any], *,
+                          continuation: bool, chat_turn: int | None = None,
+                          context_hint: str = "") -> Generation | None:
+        """Start a generation, stream it into the cell, render the result with its footer and
+        metadata; returns it (None when interrupted before it started)."""
+        shell = self.shell
+        assert shell is not None, "the magics are registered with a shell"
+        cell_out = LiveCell(shell, args.format)
         # At once, in the cell: a cold start (runtime, model file, layers, compiles) takes seconds.
         cell_out.progress(f"realm-nb: starting {model}…", terminal=False)
         realm = self.client
         try:
-            with _user_errors():
-                if args.chat:
-                    stream = realm.chat([{"role": "user", "content": prompt}], model=model,
-                                        stream=True, on_progress=cell_out.on_progress,
-                                        **sampling)
-                else:
-                    stream = realm.generate(prompt, model=model, stream=True,
-                                            on_progress=cell_out.on_progress, **sampling)
+            with _user_errors(context_hint):
+                stream = start(realm, cell_out.on_progress)
         except KeyboardInterrupt:  # before the request started: nothing runs on after this
             cell_out.progress("realm-nb: interrupted before the first token; nothing generated")
-            return
+            return None
         except BaseException:
             cell_out.progress("", terminal=False)
             raise
@@ -480,25 +495,30 @@ class RealmMagics(Magics):
         except KeyboardInterrupt:  # kernel interrupt: stop the guest, keep the partial text
             stream.cancel()
         with _user_errors():
-            g = stream.result()
-        cell_out.finish(g.text, output_metadata(g, realm.mode))
+            g: Generation = stream.result()
+        code = code_cell(g, continuation) if args.format == "code" else None
+        extra: dict[str, Any] = {"format": args.format}
+        if chat_turn is not None:
+            extra["chat_turn"] = chat_turn
+        if args.format == "code":
+            extra["continuation"] = continuation and isinstance(g.prompt, str)
+        cell_out.finish(g.text, output_metadata(g, realm.mode, **extra), code)
         if args.output:
             shell.user_ns[args.output] = g
-        if args.format == "code" and g.text.strip():
-            shell.set_next_input(code_of(g.text), replace=False)
+        if code is not None and code.strip() and g.text.strip():
+            shell.set_next_input(code, replace=False)
+        return g
 
     def _sampling(self, args: argparse.Namespace) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "max_tokens": self.max_tokens if args.max_tokens is None else args.max_tokens,
-            "temperature": self.temperature if args.temperature is None else args.temperature,
-        }
-        for key in ("top_k", "top_p", "seed"):
-            if getattr(args, key) is not None:
-                out[key] = getattr(args, key)
+        """Flags given, else the settings (whose defaults are SamplingParams', as the panel's)."""
+        out: dict[str, Any] = {}
+        for key in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty"):
+            flag = getattr(args, key)
+            out[key] = getattr(self, key) if flag is None else flag
+        if args.seed is not None:
+            out["seed"] = args.seed
         if args.stop:
             out["stop"] = tuple(unescape_stop(s) for s in args.stop)
-        from .types import SamplingParams
-
         with _user_errors():
             SamplingParams(**out)  # bad values fail here, before anything starts
         return out

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 
 from .catalogue import DEFAULT_MODEL
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ModelNotFoundError
 from .runtime import API_KEY_ENVS, DEFAULT_TENANT, env_value, find_runtime, notebook_tenant
 from .types import Generation, ModelInfo, SamplingParams
 
@@ -128,7 +128,8 @@ class Realm:
         self.tenant = tenant or derived or DEFAULT_TENANT
         self.weights = weights
         self.endpoint = endpoint
-        self.model = default_model or os.environ.get("REALM_MODEL") or DEFAULT_MODEL
+        self.default_model: str = (default_model or os.environ.get("REALM_MODEL")
+                                   or DEFAULT_MODEL)
         self._streams: list[Stream] = []
         self._backend: Backend
         if mode == "server":
@@ -145,7 +146,17 @@ class Realm:
 
     def __repr__(self) -> str:  # never shows the key
         where = self.endpoint if self.mode == "server" else "this process"
-        return f"Realm(mode={self.mode!r}, model={self.model!r}, tenant={self.tenant!r}, {where})"
+        return (f"Realm(mode={self.mode!r}, default_model={self.default_model!r}, "
+                f"tenant={self.tenant!r}, {where})")
+
+    @property
+    def model(self) -> str:
+        """Alias of `default_model` (the model calls use when they name none)."""
+        return self.default_model
+
+    @model.setter
+    def model(self, name: str) -> None:
+        self.default_model = name
 
     # ------------------------------------------------------------------ models
 
@@ -156,17 +167,47 @@ class Realm:
         """Load a catalogue name or .gguf path; returns the model id."""
         return self._backend.load_model(source, name, self.weights).id
 
-    def use_model(self, name: str) -> None:
-        """Make `name` the default for later calls (it loads on first use if needed)."""
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidRequestError(f"use_model needs a model name, got {name!r}",
+    def use_model(self, name_or_id: str) -> ModelInfo:
+        """Make a model the default for later calls (it loads on first use if needed).
+
+        name_or_id: a name, alias or id that `models()` lists; anything else raises
+        `ModelNotFoundError` naming the known models. Returns that model's `ModelInfo`.
+        """
+        if not isinstance(name_or_id, str) or not name_or_id.strip():
+            raise InvalidRequestError(f"use_model needs a model name, got {name_or_id!r}",
                                       param="model")
-        self.model = name
+        models = self.models()
+        info = next((m for m in models if name_or_id in (m.name, m.id, *m.aliases)), None)
+        if info is None:
+            raise ModelNotFoundError(
+                f"unknown model {name_or_id!r}; known: {', '.join(m.name for m in models)} "
+                "(a .gguf file: load_model(PATH, name=NAME) first)", param="model")
+        self.default_model = name_or_id
+        return info
 
     def unload_model(self, name: str) -> None:
         self._backend.unload_model(name)
 
     # ------------------------------------------------------------------ generation
+
+    @overload
+    def generate(self, prompt: str | list[int], model: str | None = None,
+                 stream: Literal[False] = False, *, echo: bool = False,
+                 logprobs: int | None = None, on_progress: ProgressFn | None = None,
+                 **sampling: Any) -> Generation: ...
+    @overload
+    def generate(self, prompt: str | list[int], model: str | None, stream: Literal[True], *,
+                 echo: bool = False, logprobs: int | None = None,
+                 on_progress: ProgressFn | None = None, **sampling: Any) -> Stream: ...
+    @overload
+    def generate(self, prompt: str | list[int], model: str | None = None, *,
+                 stream: Literal[True], echo: bool = False, logprobs: int | None = None,
+                 on_progress: ProgressFn | None = None, **sampling: Any) -> Stream: ...
+    @overload
+    def generate(self, prompt: str | list[int], model: str | None = None, stream: bool = False,
+                 *, echo: bool = False, logprobs: int | None = None,
+                 on_progress: ProgressFn | None = None,
+                 **sampling: Any) -> Generation | Stream: ...
 
     def generate(self, prompt: str | list[int], model: str | None = None, stream: bool = False,
                  *, echo: bool = False, logprobs: int | None = None,
@@ -178,10 +219,28 @@ class Realm:
         (`{"stage": "loading", "done": i, "total": n}`, `{"stage": "compiling"}`).
         """
         params = _params(sampling)
-        s = self._backend.generate(tenant=self.tenant, model=model or self.model, prompt=prompt,
-                                   params=params, echo=echo, logprobs=logprobs,
+        s = self._backend.generate(tenant=self.tenant, model=model or self.default_model,
+                                   prompt=prompt, params=params, echo=echo, logprobs=logprobs,
                                    weights=self.weights)
         return self._finish(s, stream, on_progress)
+
+    @overload
+    def chat(self, messages: list[dict[str, Any]], model: str | None = None,
+             stream: Literal[False] = False, *, logprobs: int | None = None,
+             on_progress: ProgressFn | None = None, **sampling: Any) -> Generation: ...
+    @overload
+    def chat(self, messages: list[dict[str, Any]], model: str | None, stream: Literal[True], *,
+             logprobs: int | None = None, on_progress: ProgressFn | None = None,
+             **sampling: Any) -> Stream: ...
+    @overload
+    def chat(self, messages: list[dict[str, Any]], model: str | None = None, *,
+             stream: Literal[True], logprobs: int | None = None,
+             on_progress: ProgressFn | None = None, **sampling: Any) -> Stream: ...
+    @overload
+    def chat(self, messages: list[dict[str, Any]], model: str | None = None,
+             stream: bool = False, *, logprobs: int | None = None,
+             on_progress: ProgressFn | None = None,
+             **sampling: Any) -> Generation | Stream: ...
 
     def chat(self, messages: list[dict[str, Any]], model: str | None = None,
              stream: bool = False, *, logprobs: int | None = None,
@@ -189,8 +248,9 @@ class Realm:
              **sampling: Any) -> Generation | Stream:
         """Reply to a conversation, formatted with the model's own chat template."""
         params = _params(sampling)
-        s = self._backend.chat(tenant=self.tenant, model=model or self.model, messages=messages,
-                               params=params, logprobs=logprobs, weights=self.weights)
+        s = self._backend.chat(tenant=self.tenant, model=model or self.default_model,
+                               messages=messages, params=params, logprobs=logprobs,
+                               weights=self.weights)
         return self._finish(s, stream, on_progress)
 
     def _finish(self, s: Stream, stream: bool,
@@ -203,10 +263,13 @@ class Realm:
         return s.result()
 
     def cancel(self) -> int:
-        """Stop this tenant's running generations; their partial text is kept."""
+        """Stop this tenant's running generations (their partial text is kept); returns how
+        many were running. The runtime is asked first, so that its count includes this Realm's
+        own streams (cancelled one by one beforehand, they left it nothing to count)."""
+        n = self._backend.cancel(self.tenant)
         for s in self._streams:
-            s.cancel()
-        return self._backend.cancel(self.tenant)
+            s.cancel()  # a no-op for those the runtime just stopped
+        return n
 
     def stats(self) -> dict[str, Any]:
         return self._backend.stats()

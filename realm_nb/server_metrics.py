@@ -1,8 +1,9 @@
 """Prometheus metrics of one server app, in a registry of its own (several apps never collide).
 
-Counters and histograms are fed by the gate middleware (requests, latency) and by the server when
-a generation ends (tokens, time to first token, cancellations); gauges are read from the kernel
-at scrape time (queue depth, tenants, resident bytes, running requests).
+Counters and histograms are fed by the gate middleware (requests, latency, refused keys), by the
+model routes (the audit of loads and unloads: who, what, with which outcome) and by the server
+when a generation ends (tokens, time to first token, cancellations); gauges are read from the
+kernel at scrape time (queue depth, tenants, resident bytes, running requests).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class _KernelGauges(Collector):
 
 
 class ServerMetrics:
-    """realm_requests_total, realm_tokens_total, latency/TTFT histograms, gauges, cancellations."""
+    """realm_requests_total, realm_tokens_total, latency/TTFT histograms, gauges, cancellations,
+    and the audit: admin actions (load, unload) and refused API keys."""
 
     def __init__(self, kernel: RealmKernel) -> None:
         self.registry = CollectorRegistry()
@@ -63,8 +65,17 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.cancelled = Counter("realm_cancelled", "generations that ended cancelled "
                                  "(client gone or cancel call)", registry=r)
+        self.admin_actions = Counter(
+            "realm_admin_actions", "model loads and unloads asked for over HTTP, by action, "
+            "outcome (done | denied | failed) and actor (the key's tenant; keyless: one user)",
+            ["action", "outcome", "actor"], registry=r)
+        self.auth_failures = Counter(
+            "realm_auth_failures", "requests refused for their API key, by reason "
+            "(missing | invalid | throttled)", ["reason"], registry=r)
         self.tokens.labels(kind="prompt")
         self.tokens.labels(kind="completion")
+        for reason in ("missing", "invalid", "throttled"):
+            self.auth_failures.labels(reason=reason)
         r.register(_KernelGauges(kernel))
 
     def observe_generation(self, g: Generation) -> None:

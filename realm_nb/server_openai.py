@@ -236,12 +236,19 @@ def chat_logprobs(g: Generation) -> dict[str, Any] | None:
         for s in g.logprobs]}
 
 
+def openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI's finish_reason for ours: its enum has no "cancelled", and a request stopped early
+    ended at a stop point of the caller's choosing, so it says "stop" (the Realm endpoints keep
+    "cancelled")."""
+    return "stop" if reason == "cancelled" else reason
+
+
 def completion_body(rid: str, g: Generation, text: str,
                     logprobs: dict[str, Any] | None) -> dict[str, Any]:
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
             "model": g.model, "system_fingerprint": None,
             "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": g.finish_reason}],
+                         "finish_reason": openai_finish_reason(g.finish_reason)}],
             "usage": usage(g)}
 
 
@@ -249,7 +256,8 @@ def chat_body(rid: str, g: Generation) -> dict[str, Any]:
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
             "model": g.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                         "logprobs": chat_logprobs(g), "finish_reason": g.finish_reason}],
+                         "logprobs": chat_logprobs(g),
+                         "finish_reason": openai_finish_reason(g.finish_reason)}],
             "usage": usage(g)}
 
 
@@ -259,7 +267,7 @@ def completion_chunk(rid: str, model: str, created: int, text: str,
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
             "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+                         "finish_reason": openai_finish_reason(finish_reason)}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
@@ -268,7 +276,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
             "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+                         "finish_reason": openai_finish_reason(finish_reason)}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, g: Generation) -> dict[str, Any]:

@@ -13,6 +13,11 @@ from typing import Any, Literal
 from .errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "cancelled"]
+# Stop strings are searched for after every token: their number and length bound that cost.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_STOP_RULE = (f"a string or a list of up to {MAX_STOP_STRINGS} non-empty strings of at most "
+              f"{MAX_STOP_CHARS} characters each")
 WeightLayout = Literal["exact", "fast", "packed"]
 WEIGHT_LAYOUTS: tuple[str, ...] = ("exact", "fast", "packed")
 
@@ -45,12 +50,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
-            try:
-                object.__setattr__(self, "stop", tuple(self.stop or ()))
-            except TypeError:  # stop=5: say so, not "'int' object is not iterable"
-                _check(False, "stop", self.stop, "a string or a list of up to 16 non-empty "
-                       "strings")
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        elif not isinstance(self.stop, tuple):  # a dict or set would pass as its keys, unordered
+            _check(False, "stop", _shown(self.stop), _STOP_RULE)
         self.validate()
 
     def validate(self) -> None:
@@ -71,13 +76,25 @@ class SamplingParams:
                self.repeat_window, "an integer in [0, 4096]")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
                self.seed, "null or an integer in [0, 2**64)")
-        _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
-               self.stop, "up to 16 non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+            _shown(self.stop), _STOP_RULE)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+def _shown(value: Any, limit: int = 80) -> Any:
+    """A value as an error message shows it: short (a 20k-character stop is not echoed)."""
+    text = repr(value)
+    return value if len(text) <= limit else _Shown(text[:limit - 3] + "...")
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _is_int(v: Any) -> bool:

@@ -4,28 +4,37 @@ The front end lives in real files (`static/panel.js`, `static/panel.css`). State
 traits; actions cross as custom messages `{id, action, ...}` that always get a reply
 `{id, ok, error?}`, never an exception into the comm. Generation runs in a worker thread, so the
 kernel stays free to receive Stop while text streams in (trait updates from that thread reach the
-page live, throttled to ~10 a second).
+page live, throttled to ~10 a second). Each generation asks for the top alternatives of every
+token, so the panel can colour the text by probability (`probs`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import anywidget
-from traitlets import Bool, Dict, Float, Int, List, Unicode
+from traitlets import Bool, Dict, Float, Int, List, Unicode, observe
 
+from .cell_output import UPDATE_INTERVAL_S
 from .errors import InvalidRequestError, RealmError
 from .types import Generation, SamplingParams
 
 STATIC = Path(__file__).parent / "static"
-UPDATE_INTERVAL_S = 0.1
+PROB_ALTERNATIVES = 5  # top alternatives kept per token for the probability view
+PARAMS = ("model", "chat", "temperature", "max_tokens", "top_k", "top_p", "min_p",
+          "repeat_penalty", "seed", "stop")
 
 
 class RealmPanel(anywidget.AnyWidget):
-    """Model picker, prompt, parameters, Generate/Stop and the streaming text, in one widget."""
+    """Model picker, prompt, parameters, Generate/Stop and the streaming text, in one widget.
+
+    Sampling defaults are `SamplingParams`' own, as for `%%realm generate`.
+    """
 
     _esm = STATIC / "panel.js"
     _css = STATIC / "panel.css"
@@ -34,10 +43,20 @@ class RealmPanel(anywidget.AnyWidget):
     model = Unicode("", help="the model Generate uses").tag(sync=True)
     prompt = Unicode("").tag(sync=True)
     chat = Bool(False, help="apply the model's chat template to the prompt").tag(sync=True)
-    temperature = Float(0.8).tag(sync=True)
-    max_tokens = Int(64).tag(sync=True)
-    top_p = Float(0.95).tag(sync=True)
-    seed = Int(None, allow_none=True).tag(sync=True)
+    temperature = Float(SamplingParams.temperature).tag(sync=True)
+    max_tokens = Int(SamplingParams.max_tokens).tag(sync=True)
+    top_k = Int(SamplingParams.top_k).tag(sync=True)
+    top_p = Float(SamplingParams.top_p).tag(sync=True)
+    min_p = Float(SamplingParams.min_p).tag(sync=True)
+    repeat_penalty = Float(SamplingParams.repeat_penalty).tag(sync=True)
+    stop_strings = List(Unicode(), help="stop strings (generate(stop=...))").tag(sync=True)
+    # A seed is a u64 and the page reads JSON numbers as doubles (exact to 2**53 only), so the
+    # page edits it as text; `seed` is the same value for Python (None = a random one).
+    seed = Int(None, allow_none=True)
+    seed_text = Unicode("", help="the seed as the page shows it ('' = random)").tag(sync=True)
+    last_seed = Unicode("", help="seed of the last generation (reproduces it)").tag(sync=True)
+    show_probs = Bool(False, help="colour the text by each token's probability").tag(sync=True)
+    probs = List(Dict(), help="[{t, p, top: [{t, p}]}] per generated token").tag(sync=True)
     text = Unicode("", help="the generated text so far").tag(sync=True)
     status = Unicode("idle", help="idle | loading | running | done | stopped | error").tag(
         sync=True)
@@ -60,7 +79,7 @@ class RealmPanel(anywidget.AnyWidget):
         except RealmError as e:
             self.error = e.message
         if not self.model:
-            self.model = self.realm.model
+            self.model = self.realm.default_model
 
     @property
     def realm(self) -> Any:
@@ -71,17 +90,35 @@ class RealmPanel(anywidget.AnyWidget):
             self._realm = Realm(mode="auto")
         return self._realm
 
+    @observe("seed")
+    def _seed_to_text(self, change: dict[str, Any]) -> None:
+        text = "" if change["new"] is None else str(change["new"])
+        if self.seed_text != text:
+            self.seed_text = text
+
+    @observe("seed_text")
+    def _text_to_seed(self, change: dict[str, Any]) -> None:
+        text = change["new"].strip()
+        if not text:
+            self.seed = None
+        elif text.isdigit():
+            self.seed = int(text)
+        else:
+            self.error = f"seed {text!r}: a whole number, or empty for a random one"
+
     # ----------------------------------------------------------------------- Python API
 
     def refresh(self) -> list[dict[str, Any]]:
-        """Reread the registry into the picker: each model's name, then its aliases."""
+        """Reread the registry into the picker: each model's name, then its aliases, each
+        marked loaded or not."""
         rows: list[dict[str, Any]] = []
         for m in self.realm.models():
-            rows.append({"name": m.name, "label": m.name + ("" if m.loaded else " (not loaded)"),
-                         "loaded": m.loaded})
-            rows += [{"name": a, "label": f"{a} (alias of {m.name})", "loaded": m.loaded}
-                     for a in m.aliases]
-        self.models = rows
+            state = "loaded" if m.loaded else "not loaded"
+            rows.append({"name": m.name, "label": f"{m.name} ({state})", "loaded": m.loaded})
+            rows += [{"name": a, "label": f"{a} (alias of {m.name}, {state})",
+                      "loaded": m.loaded} for a in m.aliases]
+        if rows != self.models:
+            self.models = rows
         return rows
 
     def load(self, path: str, name: str | None = None) -> str:
@@ -100,12 +137,13 @@ class RealmPanel(anywidget.AnyWidget):
 
     def generate(self, prompt: str | None = None, **params: Any) -> threading.Thread:
         """Start generating in a worker thread (the text streams into `text`); see `wait`."""
-        unknown = sorted(set(params) - {"model", "chat", "temperature", "max_tokens", "top_p",
-                                        "seed"})
+        unknown = sorted(set(params) - set(PARAMS))
         if unknown:
             raise InvalidRequestError(f"RealmPanel.generate got unknown {unknown}; it takes "
-                                      "model, chat, temperature, max_tokens, top_p, seed",
-                                      param=unknown[0])
+                                      f"{', '.join(PARAMS)}", param=unknown[0])
+        if "stop" in params:  # the SDK's name; `stop()` is the method
+            stop = params.pop("stop")
+            params["stop_strings"] = [stop] if isinstance(stop, str) else list(stop or ())
         with self._lock:
             if self.running:
                 raise InvalidRequestError("a generation is already running; Stop it first",
@@ -121,7 +159,7 @@ class RealmPanel(anywidget.AnyWidget):
             sampling = self._sampling()
             with self.hold_sync():
                 self.running, self.status, self.error = True, "running", ""
-                self.text, self.tokens, self.tok_s = "", 0, 0.0
+                self.text, self.tokens, self.tok_s, self.probs = "", 0, 0.0, []
             self._stop_requested = False
             self._worker = threading.Thread(target=self._run, args=(sampling,),
                                             name="realm-panel", daemon=True)
@@ -149,7 +187,9 @@ class RealmPanel(anywidget.AnyWidget):
 
     def _sampling(self) -> dict[str, Any]:
         out: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens,
-                               "top_p": self.top_p, "seed": self.seed}
+                               "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                               "repeat_penalty": self.repeat_penalty, "seed": self.seed,
+                               "stop": tuple(self.stop_strings)}
         SamplingParams(**out)  # raises InvalidRequestError naming the bad value
         return out
 
@@ -158,10 +198,11 @@ class RealmPanel(anywidget.AnyWidget):
         try:
             if self.chat:
                 stream = self.realm.chat([{"role": "user", "content": self.prompt}],
-                                         model=self.model, stream=True, **sampling)
+                                         model=self.model, stream=True,
+                                         logprobs=PROB_ALTERNATIVES, **sampling)
             else:
                 stream = self.realm.generate(self.prompt, model=self.model, stream=True,
-                                             **sampling)
+                                             logprobs=PROB_ALTERNATIVES, **sampling)
             with self._lock:
                 self._stream = stream
                 if self._stop_requested:
@@ -171,7 +212,9 @@ class RealmPanel(anywidget.AnyWidget):
                 text += piece
                 n += 1
                 now = time.perf_counter()
-                t_first = t_first or now
+                if not t_first:
+                    t_first = now
+                    self._quiet_refresh()  # the model is resident now: the picker says so
                 if now - last >= UPDATE_INTERVAL_S:
                     last = now
                     with self.hold_sync():
@@ -183,6 +226,8 @@ class RealmPanel(anywidget.AnyWidget):
                 self.text = g.text
                 self.tokens = g.usage.get("completion_tokens", n)
                 self.tok_s = round(float(g.timings.get("tokens_per_s", 0.0)), 2)
+                self.probs = token_probs(g)
+                self.last_seed = "" if g.params is None else str(g.params.seed)
                 self.status = "stopped" if g.finish_reason == "cancelled" else "done"
         except RealmError as e:
             with self.hold_sync():
@@ -194,6 +239,12 @@ class RealmPanel(anywidget.AnyWidget):
             with self._lock:
                 self._stream = None
                 self.running = False
+            self._quiet_refresh()
+
+    def _quiet_refresh(self) -> None:
+        """Refresh the picker if the registry answers; a failure here is not the user's."""
+        with contextlib.suppress(RealmError):
+            self.refresh()
 
     # ----------------------------------------------------------------------- front-end requests
 
@@ -241,3 +292,10 @@ class RealmPanel(anywidget.AnyWidget):
         if error is not None:
             self.error = error
         self.send({"id": rid, "ok": error is None, **({"error": error} if error else {})})
+
+
+def token_probs(g: Generation) -> list[dict[str, Any]]:
+    """Each generated token's text and probability, with its top alternatives (from logprobs)."""
+    return [{"t": lp.token, "p": round(math.exp(lp.logprob), 4),
+             "top": [{"t": t.token, "p": round(math.exp(t.logprob), 4)} for t in lp.top]}
+            for lp in g.logprobs or []]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any, assert_type
 
 import pytest
 
@@ -13,6 +14,7 @@ from realm_nb.errors import (
     ModelNotFoundError,
     ServerConnectionError,
 )
+from realm_nb.sdk import Stream
 from realm_nb.server import BackgroundServer, create_app
 
 pytestmark = pytest.mark.slow
@@ -46,13 +48,14 @@ def same(a: Generation, b: Generation) -> None:
 
 
 def test_generate_same_in_both_modes(local: Realm, remote: Realm) -> None:
-    kw = {"max_tokens": 10, "temperature": 0}
+    kw: dict[str, Any] = {"max_tokens": 10, "temperature": 0}
     same(local.generate("The capital of France is", **kw),
          remote.generate("The capital of France is", **kw))
 
 
 def test_seeded_sampling_same_in_both_modes(local: Realm, remote: Realm) -> None:
-    kw = {"max_tokens": 10, "temperature": 0.9, "seed": 99, "top_k": 30, "stop": ["\n\n"]}
+    kw: dict[str, Any] = {"max_tokens": 10, "temperature": 0.9, "seed": 99, "top_k": 30,
+                          "stop": ["\n\n"]}
     a = local.generate("A short poem about rain:", **kw)
     b = remote.generate("A short poem about rain:", **kw)
     same(a, b)
@@ -68,13 +71,13 @@ def test_token_id_prompt_and_logprobs(local: Realm, remote: Realm) -> None:
 
 
 def test_stream_same_in_both_modes(local: Realm, remote: Realm) -> None:
-    kw = {"max_tokens": 12, "temperature": 0}
+    kw: dict[str, Any] = {"max_tokens": 12, "temperature": 0}
     sa = local.generate("Once upon a time", stream=True, **kw)
     sb = remote.generate("Once upon a time", stream=True, **kw)
-    pa, pb = list(sa), list(sb)  # type: ignore[arg-type]
+    pa, pb = list(sa), list(sb)
     assert "".join(pa) == "".join(pb) and len(pb) > 1
-    same(sa.generation, sb.generation)  # type: ignore[union-attr,arg-type]
-    same(sa.result(), sb.result())  # type: ignore[union-attr]
+    same(sa.generation, sb.generation)
+    same(sa.result(), sb.result())
 
 
 def test_chat_same_in_both_modes(local: Realm, remote: Realm) -> None:
@@ -84,7 +87,7 @@ def test_chat_same_in_both_modes(local: Realm, remote: Realm) -> None:
          remote.chat(messages, max_tokens=8, temperature=0))
     sa = local.chat(messages, max_tokens=8, temperature=0, stream=True)
     sb = remote.chat(messages, max_tokens=8, temperature=0, stream=True)
-    assert "".join(sa) == "".join(sb)  # type: ignore[arg-type]
+    assert "".join(sa) == "".join(sb)
 
 
 def test_models_same_types(local: Realm, remote: Realm) -> None:
@@ -122,26 +125,82 @@ def test_same_errors_in_both_modes(local: Realm, remote: Realm, call, error) -> 
 def test_cancel_keeps_partial_text_in_both_modes(local: Realm, remote: Realm) -> None:
     for realm in (local, remote):
         s = realm.generate("Once upon a time", stream=True, max_tokens=1500, temperature=0)
-        it = iter(s)  # type: ignore[call-overload]
+        it = iter(s)
         first = next(it)
-        s.cancel()  # type: ignore[union-attr]
-        g = s.result()  # type: ignore[union-attr]
+        s.cancel()
+        g = s.result()
         assert g.finish_reason == "cancelled"
         assert g.text.startswith(first) and len(g.token_ids) < 1500
 
 
 def test_realm_cancel_and_stats(server, remote: Realm) -> None:
     s = remote.generate("Once upon a time", stream=True, max_tokens=1500, temperature=0)
-    pieces = iter(s)  # type: ignore[call-overload]  # kept: a dropped iterator cancels
+    pieces = iter(s)  # kept: a dropped iterator cancels
     next(pieces)
     other = Realm(mode="server", endpoint=server.url)  # same tenant, does not hold the stream
     assert other.cancel() == 1
-    assert s.result().finish_reason == "cancelled"  # type: ignore[union-attr]
+    assert s.result().finish_reason == "cancelled"
     stats = remote.stats()
     assert {"tenants", "store", "running"} <= set(stats)
     # a server without keys has no isolation to keep: it lists every tenant (the kernel's own
     # tests use one too); a plain key sees only itself (tests/test_server.py)
     assert "default" in [t["id"] for t in stats["tenants"]]
+
+
+def test_realm_cancel_returns_the_count_of_its_own_streams(local: Realm, remote: Realm) -> None:
+    """The Realm that holds the stream counts it too (server mode said 0: its streams were
+    cancelled one by one before the runtime's count)."""
+    for realm in (local, remote):
+        s = realm.generate("Once upon a time", stream=True, max_tokens=1500, temperature=0)
+        pieces = iter(s)
+        next(pieces)
+        assert realm.cancel() == 1, realm.mode
+        assert s.result().finish_reason == "cancelled"
+        assert realm.cancel() == 0, realm.mode
+
+
+def test_default_model_is_settable_and_model_is_its_alias(server) -> None:
+    for realm in (Realm(mode="local", default_model="smollm2"),
+                  Realm(mode="server", endpoint=server.url, default_model="smollm2")):
+        assert realm.default_model == realm.model == "smollm2"
+        realm.default_model = "smollm2-135m"
+        assert realm.model == "smollm2-135m"
+        realm.model = "smollm2"
+        assert realm.default_model == "smollm2"
+        assert realm.generate("Hi", max_tokens=1, temperature=0).model == "smollm2-135m"
+        assert "default_model='smollm2'" in repr(realm)
+
+
+def test_use_model_takes_a_name_alias_or_id_and_refuses_unknown_ones(local: Realm,
+                                                                     remote: Realm) -> None:
+    for realm in (local, remote):
+        before = realm.default_model
+        try:
+            info = realm.use_model("smollm2")
+            assert isinstance(info, ModelInfo) and info.name == "smollm2-135m"
+            assert realm.default_model == "smollm2"
+            realm.use_model(info.id)
+            assert realm.default_model == info.id
+            with pytest.raises(ModelNotFoundError, match=r"unknown model 'nope'.*smollm2-135m"):
+                realm.use_model("nope")
+            assert realm.default_model == info.id, "a refused name leaves the default as it was"
+        finally:
+            realm.default_model = before
+
+
+def test_generate_and_chat_return_the_type_that_stream_asks_for(local: Realm) -> None:
+    """`@overload`s: mypy (on tests/ too) checks the assert_type lines; isinstance the values."""
+    g = local.generate("Hi", max_tokens=1, temperature=0)
+    assert_type(g, Generation)
+    s = local.generate("Hi", stream=True, max_tokens=1, temperature=0)
+    assert_type(s, Stream)
+    assert_type(local.generate("Hi", None, True, max_tokens=1), Stream)
+    c = local.chat([{"role": "user", "content": "Hi"}], stream=False, max_tokens=1)
+    assert_type(c, Generation)
+    cs = local.chat([{"role": "user", "content": "Hi"}], stream=True, max_tokens=1)
+    assert_type(cs, Stream)
+    assert isinstance(g, Generation) and isinstance(c, Generation)
+    assert isinstance(s.result(), Generation) and isinstance(cs.result(), Generation)
 
 
 def test_auto_mode_follows_endpoint(server, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from realm_nb.types import SamplingParams
 from realm_nb.widget import STATIC, RealmPanel
 
 
@@ -44,8 +45,10 @@ def test_esm_and_css_are_real_files():
     js = (STATIC / "panel.js").read_text()
     assert str(RealmPanel._esm) == js, "the ESM is read from static/panel.js"
     assert str(RealmPanel._css) == (STATIC / "panel.css").read_text()
-    for trait in ("models", "model", "prompt", "temperature", "max_tokens", "top_p", "seed",
-                  "text", "status", "tokens", "tok_s", "error", "running"):
+    for trait in ("models", "model", "prompt", "temperature", "max_tokens", "top_k", "top_p",
+                  "min_p", "repeat_penalty", "stop_strings", "seed_text", "last_seed",
+                  "show_probs", "probs", "text", "status", "tokens", "tok_s", "error",
+                  "running"):
         assert trait in js, f"the ESM does not show {trait}"
         assert RealmPanel.class_traits()[trait].metadata.get("sync"), trait
 
@@ -131,3 +134,66 @@ def test_bad_parameters_are_refused_before_starting(panel):
     panel.top_p = 3.0
     reply = front_end(panel, id=8, action="generate", prompt="Hi")
     assert reply["ok"] is False and "top_p" in reply["error"] and not panel.running
+
+
+def test_defaults_are_the_sampling_defaults_of_the_magics():
+    from realm_nb.magics import RealmMagics
+
+    d = SamplingParams()
+    for key in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty"):
+        panel_default = RealmPanel.class_traits()[key].default_value
+        magic_default = RealmMagics.class_traits()[key].default_value
+        assert panel_default == magic_default == getattr(d, key), key
+
+
+def test_new_parameters_reach_the_generation(panel):
+    panel.generate("Name three colours:", max_tokens=4, temperature=0.7, seed=3, top_k=5,
+                   min_p=0.1, repeat_penalty=1.2, stop="\n\n")
+    g = panel.wait(120)
+    assert g is not None and g.params is not None
+    assert (g.params.top_k, g.params.min_p, g.params.repeat_penalty, g.params.stop) == \
+        (5, 0.1, 1.2, ("\n\n",))
+    assert panel.stop_strings == ["\n\n"]
+
+
+def test_probabilities_come_from_logprobs(panel):
+    panel.generate("The capital of France is", max_tokens=6, temperature=0)
+    g = panel.wait(120)
+    assert g is not None and g.logprobs is not None
+    assert len(panel.probs) == len(g.token_ids) == panel.tokens
+    for row, lp in zip(panel.probs, g.logprobs, strict=True):
+        assert row["t"] == lp.token and 0 < row["p"] <= 1
+        assert len(row["top"]) == 5
+        assert row["top"][0]["t"] == row["t"], "greedy: the chosen token is the likeliest"
+        ps = [alt["p"] for alt in row["top"]]
+        assert ps == sorted(ps, reverse=True)
+
+
+def test_seed_is_exact_as_text_and_the_last_seed_reproduces(panel):
+    panel.seed = 2**64 - 1
+    assert panel.seed_text == str(2**64 - 1)  # the page edits this string: no double rounding
+    panel.seed_text = "123"
+    assert panel.seed == 123
+    panel.seed_text = ""
+    assert panel.seed is None
+    panel.generate("Write a line about rain:", max_tokens=8, temperature=1.0)
+    first = panel.wait(120)
+    assert first is not None and first.params is not None
+    assert panel.last_seed == str(first.params.seed)
+    panel.seed_text = panel.last_seed
+    panel.generate()
+    again = panel.wait(120)
+    assert again is not None and again.text == first.text
+
+
+def test_picker_marks_models_loaded_and_refreshes_after_a_generation(panel):
+    loaded = {m.name: m.loaded for m in panel.realm.models()}
+    for row in panel.models:
+        state = "loaded" if row["loaded"] else "not loaded"
+        assert row["label"].endswith(f"{state})"), row
+    assert loaded["smollm2-135m"] and next(r for r in panel.models
+                                           if r["name"] == "smollm2-135m")["loaded"]
+    panel.models = []  # stale: the worker rereads the registry when the model answers
+    panel.generate("Hi", max_tokens=2, temperature=0)
+    panel.wait(120)
+    assert wait_for(lambda: len(panel.models) > 0, 10)
