@@ -15,12 +15,18 @@ Imports (module ``realm_host``; every parameter and result is an i32)
         code.
         The guest sends the whole prompt in one call; the host chunks prefill itself.
     ``emit(token) -> i32``
-        Hand one sampled token to the host. 0 = go on, 1 = stop (stop string, cancel, client gone),
-        negative = error code.
+        Hand one sampled token to the host. 0 = go on, 1 = stop (stop string, cancel, client gone,
+        max tokens), negative = error code.
     ``memory64_load_layer(layer) -> i32``
         Ask that layer ``layer`` of the current model be resident. 0, or an error code.
     ``log(ptr, len) -> i32``
         A UTF-8 message for the host's log (at most `MAX_LOG_BYTES`). 0, or an error code.
+
+    The host checks what a guest hands it: token ids outside 0..V-1 get `BAD_REQUEST`; a guest
+    may forward the prompt and then once per emitted token, emit at most ``max_tokens`` tokens,
+    and after a stop or an error code make no call but a few ``log``s (else it is trapped). Each
+    request has a fuel and a guest-time budget across host calls (`realm_nb.tenants`), and a
+    cancel is answered with `CANCELLED` at whichever import the guest calls next.
 
 Exports
     ``memory``; ``realm_abi_version() -> i32``; ``realm_alloc(len) -> i32`` (a 16-byte aligned
@@ -48,7 +54,9 @@ The sampler, in this order
     2. ``temperature <= 0``: greedy argmax, lowest id wins ties. Otherwise:
     3. Top-K: K = top_k if 0 < top_k <= `MAX_CANDIDATES` else `MAX_CANDIDATES` (found with a heap,
        never a sort of the vocabulary); candidates sorted by descending logit, then ascending id.
-    4. Softmax of logit / temperature over the candidates.
+    4. Softmax of (logit - best) / temperature over the candidates: a quotient, never logit
+       times 1 / temperature, which overflows for a subnormal temperature; as temperature -> 0
+       the draw becomes greedy (candidates tied with the best share it).
     5. Top-p: keep the shortest prefix whose cumulative probability is >= top_p (at least one).
     6. Min-p: drop candidates with p < min_p * p_max.
     7. Renormalise and draw ``u * total`` against the cumulative sum, with ``u`` uniform in [0, 1)
@@ -111,7 +119,8 @@ class ErrorCode(IntEnum):
     CONTEXT_FULL = -2  # the tenant's sequence would exceed the model's context length
     CANCELLED = -3  # the request was cancelled (client gone, Stop pressed)
     UNKNOWN_MODEL = -4  # the request names a model the host does not have
-    BAD_REQUEST = -5  # the request struct is malformed (magic, version, lengths, values)
+    BAD_REQUEST = -5  # the request struct is malformed (magic, version, lengths, values), or
+    #                   a value the guest handed the host is (a token id outside the vocabulary)
     HOST_ERROR = -6  # the host failed for another reason; the host re-raises the original error
     LAYER_ERROR = -7  # a layer could not be made resident
     OUT_OF_MEMORY = -8  # the guest could not grow its memory (tenant memory limit)
@@ -122,7 +131,7 @@ ERROR_MEANINGS: dict[int, str] = {
     ErrorCode.CONTEXT_FULL: "the sequence would exceed the model's context length",
     ErrorCode.CANCELLED: "the request was cancelled",
     ErrorCode.UNKNOWN_MODEL: "the request names a model the host does not have",
-    ErrorCode.BAD_REQUEST: "the request struct is malformed",
+    ErrorCode.BAD_REQUEST: "the request struct, or a value the guest handed the host, is malformed",
     ErrorCode.HOST_ERROR: "the host failed for another reason",
     ErrorCode.LAYER_ERROR: "a layer could not be made resident",
     ErrorCode.OUT_OF_MEMORY: "the guest could not grow its memory",

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .abi import ErrorCode
 from .scheduler import Scheduler, Sequence
 from .store import LayerStore, ModelEntry
-from .tenants import Cancelled
+from .tenants import Cancelled, GuestError
 from .types import FinishReason, SamplingParams, TokenLogprob, TopLogprob
 
 log = logging.getLogger("realm_nb.guest")
@@ -81,7 +81,10 @@ class RequestHost:
         first = self.forwards == 0
         self.forwards += 1
         if first and list(tokens) != self.prompt_ids:
-            raise InvalidRequestError("the guest's first forward must be the prompt")
+            raise GuestError(  # the guest's fault, not the request's
+                f"tenant {self.seq.tenant!r}: the guest's first forward was {len(tokens)} "
+                f"tokens other than the request's {len(self.prompt_ids)}-token prompt; the ABI "
+                "starts with the prompt", abi_code=ErrorCode.BAD_REQUEST)
         want_all = first and self.echo and self.logprobs is not None
         logits = self.scheduler.forward(self.seq, tokens, all_logits=want_all)
         if want_all:

@@ -51,10 +51,7 @@ def _stop_and_join(sched: Scheduler, timeout_s: float = 60.0) -> None:
     the process (jaxlib's array destructor re-takes the GIL, which ends the thread inside a
     noexcept destructor: "terminate called after throwing an instance of ''", rc 134). Joined,
     the arrays go while the process is alive."""
-    sched.stop()
-    worker = sched._worker
-    if worker is not None and worker is not threading.current_thread():
-        worker.join(timeout_s)
+    sched.stop(join_s=timeout_s)
 
 
 class _Done:

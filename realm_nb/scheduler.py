@@ -203,10 +203,16 @@ class Scheduler:
                                             daemon=True)
             self._worker.start()
 
-    def stop(self) -> None:
+    def stop(self, join_s: float | None = None) -> None:
+        """Stop the step thread; with join_s, wait up to that long for it to end (it holds the
+        engine's device arrays, which must go while the interpreter is alive: see
+        kernel._stop_and_join)."""
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
+        worker = self._worker
+        if join_s is not None and worker is not None and worker is not threading.current_thread():
+            worker.join(join_s)
 
     def _take(self) -> list[_Pending]:
         """Wait for work, then a moment more for the other open sequences' forwards."""

@@ -14,11 +14,21 @@ calls imports back on the same thread, releasing the GIL while wasm runs), so `r
 request's `_Call` into a `threading.local` and the Linker's trampolines read it from there. That
 keeps the Linker store-independent (defined once) and costs one attribute lookup per crossing.
 
-Bounding a guest: before every entry into the guest and at every host call the store gets
-`fuel_per_call` units of fuel again (about one per wasm instruction) and a fresh epoch deadline of
-`deadline_s` seconds, counted by a clock thread that ticks the engine's epoch while any guest runs.
-Fuel (deterministic, also counted per tenant) stops an endless loop in about 50 ms; the deadline is
-a wall-clock backstop in case some instruction costs far more time than fuel.
+Bounding a guest, per entry: before every entry into the guest and at every host call the store
+gets up to `fuel_per_call` units of fuel (about one per wasm instruction) and an epoch deadline of
+up to `deadline_s` seconds, counted by a clock thread that ticks the engine's epoch while any guest
+runs. Fuel (deterministic, also counted per tenant) stops an endless loop in about 50 ms; the
+deadline is a wall-clock backstop in case some instruction costs far more time than fuel.
+
+Per request, across host calls: a guest that keeps calling the host would be refilled for ever, so
+each request also has a fuel budget and a guest-time budget (host callbacks not counted), both
+sized by `max_tokens` and the vocabulary; each refill is cut to what is left of them. The host
+checks what the guest hands it: token ids must lie in the vocabulary (else `GuestError`), at most
+one forward per emitted token, never more than `max_tokens` tokens (the host answers stop at the
+last one), and no forward, emit or layer request once the host has ended the request (stop,
+cancel, an error code); only a few log calls may follow. A cancel is answered at the guest's next
+host call whichever import it is; a guest that does not call the host meets its fuel or deadline
+first. Breaking these rules traps the guest with a message that says which.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.resources
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +62,15 @@ DEFAULT_MEMORY_LIMIT = 64 * MiB
 DEFAULT_FUEL_PER_CALL = 200_000_000  # ~50 ms of a tight loop; sampling 49,152 logits needs ~1M
 DEFAULT_DEADLINE_S = 1.0  # wall-clock time a guest may run between two host calls
 EPOCH_TICK_S = 0.005
+# The per-request budgets: a fixed part plus this much per token (max_tokens + 1, the prompt's
+# forward included). The shipped guest's worst case measured 717 fuel per vocabulary entry per
+# token (ascending logits, top_k 0: every logit enters the candidate heap), greedy 6, top-k 40
+# about 14; a token's guest time is ~0.1 ms at V = 49,152.
+FUEL_PER_TOKEN_PER_VOCAB = 1024
+FUEL_PER_TOKEN_BASE = 4_000_000
+GUEST_S_PER_TOKEN = 0.25
+MAX_SIDE_CALLS = 10_000  # log and memory64_load_layer calls in one request
+MAX_LOGS_AFTER_END = 16  # log calls a guest may still make once the host ended the request
 REBUILD_HINT = "rebuild the guest with `realm-nb build-guest`"
 
 
@@ -75,6 +95,9 @@ class GuestError(RealmError):
 class TenantHost(Protocol):
     """What the runtime provides for one request. Raise a `RealmError` to hand the guest an error
     code (the same exception is re-raised from `Tenant.run`); any other exception traps the guest.
+
+    A host may also carry a `cancel_event` (`threading.Event`): once it is set, every import
+    answers CANCELLED (see `Tenant.run`).
     """
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:
@@ -104,6 +127,8 @@ def error_code_for(exc: RealmError, default: ErrorCode = ErrorCode.HOST_ERROR) -
         return ErrorCode.UNKNOWN_MODEL
     if isinstance(exc, MemoryBudgetError):
         return ErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, GuestError):
+        return exc.abi_code
     return default
 
 
@@ -172,18 +197,59 @@ def _epoch_clock() -> _EpochClock:
     return _EpochClock(shared_engine())
 
 
+class _Violation(Exception):
+    """The guest broke a rule of the ABI; the trampoline traps it with this message."""
+
+
 @dataclass
 class _Call:
-    """The request a thread is running: what the import trampolines need."""
+    """The request a thread is running: what the import trampolines need, and its budgets."""
 
     tenant: Tenant
     host: TenantHost
     memory: wasmtime.Memory
     vocab: int
+    max_tokens: int
+    fuel_budget: int  # fuel for the whole request, across host calls
+    time_budget_s: float  # guest time for the whole request (host callbacks not counted)
+    cancel: threading.Event | None = None
     host_error: RealmError | None = None  # first RealmError a callback raised
     crash: tuple[str, BaseException] | None = None  # (import, exception) that trapped the guest
+    violation: str | None = None  # the ABI rule the guest broke (it was trapped)
+    ended: str | None = None  # why the host ended the request (stop, cancelled, an error code)
     fuel_used: int = 0
+    guest_s: float = 0.0
+    armed: int = 0  # the store's fuel when it was last armed or charged
+    entered_at: float = 0.0  # when control last went to the guest
+    limited_by: str | None = None  # "fuel" / "time" when the last refill was cut by a budget
     emitted: int = 0
+    forwards: int = 0
+    side_calls: int = 0
+    logs_after_end: int = 0
+
+    def check(self, name: str) -> None:
+        """The rules every host call obeys, before its import runs (see the module docstring)."""
+        if self.fuel_used >= self.fuel_budget:
+            raise _Violation(f"the guest used its request's fuel budget ({self.fuel_budget} for "
+                             f"max_tokens {self.max_tokens})")
+        if self.guest_s >= self.time_budget_s:
+            raise _Violation(f"the guest ran {self.guest_s:.2f} s in this request, its budget "
+                             f"for max_tokens {self.max_tokens}")
+        if name in ("log", "memory64_load_layer"):
+            self.side_calls += 1
+            if self.side_calls > MAX_SIDE_CALLS:
+                raise _Violation(f"the guest made more than {MAX_SIDE_CALLS} log and "
+                                 "memory64_load_layer calls in one request")
+        if self.ended is not None:
+            if name != "log":
+                raise _Violation(f"the guest called {name} after the host had ended the request "
+                                 f"({self.ended}); it must return from realm_generate then")
+            self.logs_after_end += 1
+            if self.logs_after_end > MAX_LOGS_AFTER_END:
+                raise _Violation(f"the guest kept calling log after the host had ended the "
+                                 f"request ({self.ended})")
+        elif self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the request was cancelled")
 
 
 _current = threading.local()
@@ -208,7 +274,18 @@ def _in_bounds(mem: np.ndarray, ptr: int, nbytes: int) -> bool:
     return nbytes >= 0 and ptr + nbytes <= mem.size
 
 
+def _bad_token(call: _Call, where: str, token: int) -> GuestError:
+    return GuestError(
+        f"tenant {call.tenant.tenant_id!r}: the guest handed {where} token id {token}, outside "
+        f"the vocabulary 0..{call.vocab - 1}; the guest is faulty ({REBUILD_HINT})",
+        abi_code=ErrorCode.BAD_REQUEST, tenant=call.tenant.tenant_id, token=token)
+
+
 def _forward(call: _Call, caller: wasmtime.Caller, tokens_ptr: int, n: int, logits_ptr: int) -> int:
+    if call.forwards > call.emitted:
+        raise _Violation(f"the guest called forward {call.forwards + 1} times after emitting "
+                         f"{call.emitted} tokens; the ABI allows the prompt's forward and one "
+                         "per emitted token")
     if n <= 0:
         return ErrorCode.BAD_REQUEST
     mem = _memory_bytes(call, caller)
@@ -216,6 +293,10 @@ def _forward(call: _Call, caller: wasmtime.Caller, tokens_ptr: int, n: int, logi
     if not (_in_bounds(mem, tokens_ptr, 4 * n) and _in_bounds(mem, logits_ptr, 4 * call.vocab)):
         return ErrorCode.BAD_POINTER
     tokens = np.frombuffer(mem, "<i4", n, tokens_ptr).copy()
+    bad = tokens[(tokens < 0) | (tokens >= call.vocab)]
+    if bad.size:
+        raise _bad_token(call, "forward", int(bad[0]))
+    call.forwards += 1
     logits = call.host.forward(tokens)  # may block on the scheduler; the guest waits, fuel full
     if logits.shape != (call.vocab,):
         raise ValueError(f"forward gave logits of shape {logits.shape}; expected ({call.vocab},)")
@@ -225,14 +306,24 @@ def _forward(call: _Call, caller: wasmtime.Caller, tokens_ptr: int, n: int, logi
 
 
 def _emit(call: _Call, caller: wasmtime.Caller, token: int) -> int:
+    if call.emitted >= call.max_tokens:
+        raise _Violation(f"the guest emitted more than max_tokens={call.max_tokens} tokens")
+    if not 0 <= token < call.vocab:
+        raise _bad_token(call, "emit", token)
     answer = call.host.emit(token)
     if answer not in (abi.EMIT_CONTINUE, abi.EMIT_STOP):
         raise ValueError(f"emit returned {answer!r}; expected 0 (go on) or 1 (stop)")
     call.emitted += 1
+    if call.emitted >= call.max_tokens:
+        answer = abi.EMIT_STOP  # the host enforces max_tokens, whatever its emit said
+    if answer == abi.EMIT_STOP:
+        call.ended = "stop"
     return int(answer)
 
 
 def _load_layer(call: _Call, caller: wasmtime.Caller, layer: int) -> int:
+    if layer < 0:
+        return ErrorCode.LAYER_ERROR
     call.host.load_layer(layer)
     return 0
 
@@ -250,24 +341,37 @@ def _log(call: _Call, caller: wasmtime.Caller, ptr: int, length: int) -> int:
 def _trampoline(
     name: str, impl: Callable[..., int], default: ErrorCode
 ) -> Callable[..., int]:
-    """Wrap an import: refuel, find the request, map RealmErrors to codes, let the rest trap."""
+    """Wrap an import: charge the fuel and time the guest spent, check the request's rules,
+    map RealmErrors to codes, let the rest trap; re-arm before the guest runs again."""
 
     def trampoline(caller: wasmtime.Caller, *args: int) -> int:
         call: _Call = _current.call  # AttributeError (a trap) if no request runs on this thread
+        store = cast(wasmtime.Store, caller)  # a Caller works as a store for fuel and deadline
+        tenant = call.tenant
         try:
-            call.tenant._refuel(caller, call)
+            tenant._charge(store, call)
+            call.check(name)
             result = impl(call, caller, *args)
-            # Re-arm after the call too: a forward may block for seconds (model load, jit
-            # compile, a long prompt); that time is the host's, not the guest's.
-            call.tenant._arm(cast(wasmtime.Store, caller))
+            if result < 0 and call.ended is None:
+                call.ended = f"it answered {name} with {abi.describe_code(result)}"
             return result
         except RealmError as exc:
             if call.host_error is None:
                 call.host_error = exc
-            return error_code_for(exc, default)
+            code = error_code_for(exc, default)
+            if call.ended is None:
+                call.ended = f"it answered {name} with {abi.describe_code(code)}"
+            return code
+        except _Violation as exc:
+            call.violation = str(exc)
+            raise  # wasmtime turns it into a trap; Tenant.run reports it as GuestTrap
         except Exception as exc:
             call.crash = (name, exc)
-            raise  # wasmtime turns it into a trap; Tenant.run reports it as GuestTrap
+            raise
+        finally:
+            # Re-armed after the call: a forward may block for seconds (model load, jit
+            # compile, a long prompt); that time is the host's, not the guest's.
+            tenant._arm(store, call)
 
     return trampoline
 
@@ -309,14 +413,24 @@ class GuestModule:
                 f"{name} is not a realm-nb guest: {str(exc).splitlines()[0]}; {REBUILD_HINT}"
             ) from exc
         exports = {e.name: e.type for e in self.module.exports}
-        for export, (params, _) in abi.EXPORTS.items():
+        for export, (params, results) in abi.EXPORTS.items():
             ty = exports.get(export)
-            if not isinstance(ty, wasmtime.FuncType) or len(ty.params) != len(params):
+            wanted = f"{export}({', '.join(params)}) -> i32"
+            if not isinstance(ty, wasmtime.FuncType):
+                raise AbiVersionError(f"{name} does not export {wanted}; {REBUILD_HINT}")
+            # Checked here, not at the first call: a wrong signature would trap mid-request.
+            found = ([str(t) for t in ty.params], [str(t) for t in ty.results])
+            if found != (["i32"] * len(params), ["i32"] * len(results)):
                 raise AbiVersionError(
-                    f"{name} does not export {export}({', '.join(params)}) -> i32; {REBUILD_HINT}"
-                )
-        if not isinstance(exports.get(abi.MEMORY_EXPORT), wasmtime.MemoryType):
+                    f"{name} exports {export} as ({', '.join(found[0])}) -> "
+                    f"({', '.join(found[1])}); the ABI needs {wanted} (all i32); {REBUILD_HINT}",
+                    export=export)
+        memory = exports.get(abi.MEMORY_EXPORT)
+        if not isinstance(memory, wasmtime.MemoryType):
             raise AbiVersionError(f"{name} does not export its memory; {REBUILD_HINT}")
+        if memory.is_64 or memory.is_shared:
+            raise AbiVersionError(f"{name} exports a {'64-bit' if memory.is_64 else 'shared'} "
+                                  f"memory; the ABI needs a plain 32-bit one; {REBUILD_HINT}")
 
     @classmethod
     def from_wat(cls, text: str, *, name: str = "wat guest") -> GuestModule:
@@ -359,11 +473,20 @@ class Tenant:
         memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
         fuel_per_call: int = DEFAULT_FUEL_PER_CALL,
         deadline_s: float = DEFAULT_DEADLINE_S,
+        fuel_per_token: int | None = None,
+        guest_s_per_token: float = GUEST_S_PER_TOKEN,
     ) -> None:
+        """fuel_per_token: the per-request fuel budget's share per token (None: sized by the
+        vocabulary, see FUEL_PER_TOKEN_PER_VOCAB); guest_s_per_token: the same for guest time.
+        A request's budgets are fuel_per_call + (max_tokens + 1) * fuel_per_token, and
+        deadline_s + (max_tokens + 1) * guest_s_per_token."""
         self.tenant_id = tenant_id
         self.module = module if module is not None else GuestModule.default()
         self.memory_limit_bytes = memory_limit_bytes
         self.fuel_per_call = fuel_per_call
+        self.deadline_s = deadline_s
+        self.fuel_per_token = fuel_per_token
+        self.guest_s_per_token = guest_s_per_token
         self._deadline_ticks = max(1, round(deadline_s / EPOCH_TICK_S))
         self._lock = threading.Lock()
         self._state: State = "idle"
@@ -400,42 +523,71 @@ class Tenant:
         self._memory_bytes = self._memory.data_len(store)
         self._state = "idle"
 
-    def _arm(self, store: wasmtime.Store) -> None:
-        wasmtime.Store.set_fuel(store, self.fuel_per_call)
-        wasmtime.Store.set_epoch_deadline(store, self._deadline_ticks)
+    def _arm(self, store: wasmtime.Store, call: _Call | None = None) -> None:
+        """Fuel and epoch deadline for the next stretch of guest code: a full per-call refill,
+        cut to what is left of the request's budgets when a request runs."""
+        fuel, ticks = self.fuel_per_call, self._deadline_ticks
+        if call is not None:
+            fuel_left = call.fuel_budget - call.fuel_used
+            ticks_left = math.ceil((call.time_budget_s - call.guest_s) / EPOCH_TICK_S)
+            call.limited_by = ("fuel" if fuel_left < fuel else
+                               "time" if ticks_left < ticks else None)
+            fuel, ticks = max(0, min(fuel, fuel_left)), max(1, min(ticks, ticks_left))
+            call.armed = fuel
+            call.entered_at = time.monotonic()
+        wasmtime.Store.set_fuel(store, fuel)
+        wasmtime.Store.set_epoch_deadline(store, ticks)
 
-    def _refuel(self, caller: wasmtime.Caller, call: _Call) -> None:
-        """At each host call: count the fuel spent since the last refill and refill it.
+    def _charge(self, store: wasmtime.Store, call: _Call) -> None:
+        """Count the fuel and time the guest spent since it was last armed or charged (also
+        after a trap: the fuel a trapped call burnt is counted, not lost)."""
+        left = wasmtime.Store.get_fuel(store)
+        call.fuel_used += call.armed - left
+        call.armed = left
+        now = time.monotonic()
+        call.guest_s += now - call.entered_at
+        call.entered_at = now
 
-        A Caller works as a store here: Store's fuel and deadline methods only use `_context()`.
-        """
-        storelike = cast(wasmtime.Store, caller)
-        call.fuel_used += self.fuel_per_call - wasmtime.Store.get_fuel(storelike)
-        self._arm(storelike)
+    def _budgets(self, req: abi.Request) -> tuple[int, float]:
+        """(fuel, guest seconds) one request may use in all, across host calls."""
+        steps = req.max_tokens + 1  # the prompt's forward, then one per token
+        per_token = (self.fuel_per_token if self.fuel_per_token is not None else
+                     FUEL_PER_TOKEN_BASE + FUEL_PER_TOKEN_PER_VOCAB * req.vocab_size)
+        return (self.fuel_per_call + steps * per_token,
+                self.deadline_s + steps * self.guest_s_per_token)
 
     # -- one request ------------------------------------------------------------------------------
 
-    def run(self, request: bytes, host: TenantHost) -> int:
-        """Run one request (see `realm_nb.abi`) in this thread; return the tokens emitted.
+    def run(self, request: bytes, host: TenantHost,
+            cancel: threading.Event | None = None) -> int:
+        """Run one request (see `realm_nb.abi`) in this thread; return the guest's result (the
+        tokens it emitted).
 
+        cancel: once set, every import answers CANCELLED (default: the host's `cancel_event`).
         Raises the host's own `RealmError` if a callback raised one, `GuestError` if the guest
-        returned an error code on its own, `GuestTrap` (naming this tenant) if it trapped.
+        returned an error code on its own or handed the host a bad value, `GuestTrap` (naming
+        this tenant) if it trapped or broke the ABI's rules.
         """
         req = abi.unpack_request(request)
+        fuel_budget, time_budget = self._budgets(req)
         with self._lock:
             if self._state == "trapped":
                 self._instantiate()
             store = self._store
-            call = _Call(tenant=self, host=host, memory=self._memory, vocab=req.vocab_size)
+            call = _Call(tenant=self, host=host, memory=self._memory, vocab=req.vocab_size,
+                         max_tokens=req.max_tokens, fuel_budget=fuel_budget,
+                         time_budget_s=time_budget,
+                         cancel=cancel if cancel is not None else getattr(host, "cancel_event",
+                                                                          None))
             self._state = "running"
             self._requests += 1
             clock = _epoch_clock()
             clock.enter()
             _current.call = call
             try:
-                self._arm(store)
+                self._arm(store, call)
                 ptr = self._alloc(store, len(request))
-                call.fuel_used += self.fuel_per_call - store.get_fuel()
+                self._charge(store, call)
                 if ptr == 0:
                     raise MemoryBudgetError(
                         f"tenant {self.tenant_id!r}: the guest cannot hold a request of "
@@ -443,10 +595,14 @@ class Tenant:
                         f"{self.memory_limit_bytes} bytes; raise memory_limit_bytes",
                         tenant=self.tenant_id,
                     )
-                self._memory.write(store, request, ptr)
-                self._arm(store)
+                if _u32(ptr) + len(request) > self._memory.data_len(store):
+                    raise GuestError(
+                        f"tenant {self.tenant_id!r}: realm_alloc({len(request)}) returned "
+                        f"{_u32(ptr)}, outside the guest's memory; {REBUILD_HINT}",
+                        abi_code=ErrorCode.BAD_POINTER, tenant=self.tenant_id)
+                self._memory.write(store, request, _u32(ptr))
+                self._arm(store, call)
                 result = self._generate(store, ptr, len(request))
-                call.fuel_used += self.fuel_per_call - store.get_fuel()
             except RealmError:
                 self._state = "idle"
                 raise
@@ -456,6 +612,7 @@ class Tenant:
                     call.crash[1] if call.crash else exc
                 )
             finally:
+                self._charge(store, call)  # also what a trapped call burnt
                 del _current.call
                 clock.leave()
                 self._fuel_used += call.fuel_used
@@ -474,19 +631,25 @@ class Tenant:
 
     def _trap_message(self, call: _Call, exc: BaseException) -> str:
         who = f"tenant {self.tenant_id!r}"
+        again = "the guest was stopped and is re-created for the next request"
+        if call.violation is not None:
+            return f"{who}: {call.violation}; {again}"
         if call.crash is not None:
             name, err = call.crash
-            return (
-                f"{who}: host callback {name!r} raised {type(err).__name__}: {err}; the guest "
-                "was stopped and is re-created for the next request"
-            )
+            return f"{who}: host callback {name!r} raised {type(err).__name__}: {err}; {again}"
         code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            if call.limited_by == "fuel":
+                return (f"{who}: the guest used its request's fuel budget ({call.fuel_budget} "
+                        f"for max_tokens {call.max_tokens}) and was stopped")
             return (
                 f"{who}: the guest ran {self.fuel_per_call} instructions without a host call "
                 "(endless loop?) and was stopped"
             )
         if code == wasmtime.TrapCode.INTERRUPT:
+            if call.limited_by == "time":
+                return (f"{who}: the guest ran {call.time_budget_s:.2f} s in this request, its "
+                        f"budget for max_tokens {call.max_tokens}, and was stopped")
             return (
                 f"{who}: the guest ran {self._deadline_ticks * EPOCH_TICK_S:.2f} s without a "
                 "host call and was stopped"

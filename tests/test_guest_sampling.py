@@ -196,3 +196,35 @@ def test_stats_count_tokens_requests_and_fuel() -> None:
     assert stats["requests"] == 2
     assert stats["fuel_used"] > 8 * V  # every token scans the vocabulary
     assert 0 < stats["memory_bytes"] <= fresh.memory_limit_bytes
+
+
+# --- tiny and huge temperatures (issue 10, item 8) ---------------------------------------------
+
+F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
+F32_MIN_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)  # 1.4e-45
+
+
+@pytest.mark.parametrize("temperature", [1e-39, F32_MIN_SUBNORMAL, F32_MIN_NORMAL, 1e-30, 1e-20])
+def test_a_tiny_temperature_is_greedy(tenant: Tenant, temperature: float) -> None:
+    # 1 / 1e-39 overflowed to inf, 0 * inf made the best candidate's weight NaN, and the draw
+    # fell through to the worst kept candidate
+    logits = peaked_logits()
+    logits[3] = np.nextafter(np.float32(3.0), np.float32(0))  # a near tie just below the best
+    host = generate(tenant, logits, temperature=temperature, max_tokens=40, seed=13)
+    assert host.tokens == [7] * 40
+
+
+def test_a_tiny_temperature_shares_the_draw_between_exact_ties(tenant: Tenant) -> None:
+    logits = peaked_logits()
+    logits[[3, 7]] = 3.0  # two best, exactly tied
+    drawn = Counter(generate(tenant, logits, temperature=1e-39, max_tokens=200, seed=14).tokens)
+    assert set(drawn) == {3, 7}
+    assert min(drawn.values()) > 60  # about half each
+
+
+def test_a_huge_temperature_flattens_the_kept_candidates(tenant: Tenant) -> None:
+    logits = peaked_logits()
+    drawn = Counter(generate(tenant, logits, temperature=100.0, top_k=5, max_tokens=500,
+                             seed=15).tokens)
+    assert set(drawn) == {7, 3, 500, 42, 999}
+    assert max(drawn.values()) < 150  # near uniform: 100 each

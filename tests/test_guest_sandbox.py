@@ -223,8 +223,9 @@ def test_realm_errors_become_codes_and_are_reraised(
 ) -> None:
     # The WAT guest passes the code it got on to the host through log, then returns it.
     body = """
+      ;; forward the prompt's first id: the request sits at 1024, its ids after the 64-byte header
       (local.set $n
-        (call $forward (i32.const 1024) (i32.const 1) (i32.const 2048)))
+        (call $forward (i32.const 1088) (i32.const 1) (i32.const 2048)))
       (if (i32.ge_s (local.get $n) (i32.const 0))
         (then (local.set $n (call $emit (i32.const 1)))))
       (if (i32.ge_s (local.get $n) (i32.const 0))

@@ -10,6 +10,7 @@ Shapes are numpy order (rows first), as `gguf_io.TensorInfo.shape`; GGUF stores 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,3 +254,31 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
 def write_tiny_spm(path: str | Path, *, seed: int = 0) -> TinyModel:
     """The tiny llama with a SentencePiece (`llama`) vocabulary with byte fallback."""
     return write_tiny_llama(path, seed=seed, vocab=spm_vocab(), chat_template=None, add_bos=None)
+
+
+# --- small and damaged files (loader and fuzz tests) -------------------------------------------
+
+
+def mini_vocab(model: str = "gpt2") -> Vocab:
+    """A vocabulary of a dozen tokens: the smallest that still exercises every tokenizer path
+    (merges or scores, control tokens), so that a file parses in a few milliseconds."""
+    if model == "llama":
+        tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁a", "▁ab", "<0x0A>"]
+        types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_NORMAL] * 6 + [TOKEN_BYTE]
+        scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, 0.0]
+        return Vocab(tokens, types, [], scores, 1, 2, "llama")
+    tokens = ["a", "b", "c", "Ġ", "ab", "Ġa", "Ġab", *CONTROL_TOKENS]
+    types = [TOKEN_NORMAL] * 7 + [TOKEN_CONTROL] * len(CONTROL_TOKENS)
+    return Vocab(tokens, types, ["a b", "Ġ a", "Ġa b"], None, 7, 8, "gpt2")
+
+
+def patch_scalar(data: bytes, key: str, value: int,
+                 vtype: gguf.GGUFValueType = gguf.GGUFValueType.UINT32) -> bytes:
+    """`data` (a GGUF file written by GGUFWriter) with the 4-byte scalar `key` rewritten as
+    `value` of type `vtype` (UINT32 or INT32), in place: nothing else moves."""
+    needle = len(key).to_bytes(8, "little") + key.encode()
+    at = data.index(needle) + len(needle)
+    old_type = int.from_bytes(data[at : at + 4], "little")
+    assert old_type in (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32), old_type
+    fmt = "<i" if vtype == gguf.GGUFValueType.INT32 else "<I"
+    return data[:at] + struct.pack("<I", vtype) + struct.pack(fmt, value) + data[at + 8 :]

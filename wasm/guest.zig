@@ -292,10 +292,13 @@ const Sampler = struct {
         if (h[0].logit == inf) return h[0].id;
 
         // softmax (unnormalised: probs[0] == 1), top-p on the normalised prefix, then min-p.
-        const inv_t = 1.0 / p.temperature;
+        // Divided, not multiplied by 1/T: for a tiny T (1e-39, subnormal) 1/T overflows to inf
+        // and 0 * inf is NaN, which made the draw pick the worst kept candidate. A quotient is
+        // 0 for the best logit and -inf (weight 0) for the rest: a tiny T is greedy, and
+        // tokens tied with the best share the draw, as softmax does in the limit.
         var total: f32 = 0;
         for (h[0..n], 0..) |c, i| {
-            const q = @exp((c.logit - h[0].logit) * inv_t);
+            const q = @exp((c.logit - h[0].logit) / p.temperature);
             self.probs[i] = q;
             total += q;
         }

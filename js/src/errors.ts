@@ -161,6 +161,13 @@ export class MemoryBudgetError extends RealmError {
   static override readonly code: string = "memory_budget_exceeded";
 }
 
+/** A generation's stream was iterated from a second thread while another reads it (Python). */
+export class StreamBusyError extends RealmError {
+  static override readonly type: string = "StreamBusyError";
+  static override readonly status: number = 409;
+  static override readonly code: string = "stream_busy";
+}
+
 // --- the sandbox ---------------------------------------------------------------------------------
 
 /** A tenant's WebAssembly guest trapped (out of fuel, memory limit, bad pointer, host error). */
@@ -219,8 +226,9 @@ export const ERROR_CLASSES: readonly (typeof RealmError)[] = [
   MissingTensorError, ShapeMismatchError, TokenizerError, ChatTemplateError,
   ChatTemplateBudgetError, ModelNotFoundError, PullError, InvalidRequestError, ContextLengthError,
   ModelInUseError, ModelNameTakenError, RequestTooLargeError, UnsupportedMediaTypeError,
-  QueueFullError, MemoryBudgetError, GuestTrap, AbiVersionError, AuthenticationError,
-  PermissionDeniedError, RateLimitError, RequestNotFoundError, ServerConnectionError,
+  QueueFullError, MemoryBudgetError, StreamBusyError, GuestTrap, AbiVersionError,
+  AuthenticationError, PermissionDeniedError, RateLimitError, RequestNotFoundError,
+  ServerConnectionError,
 ];
 
 const BY_TYPE = new Map<string, typeof RealmError>(ERROR_CLASSES.map((c) => [c.type, c]));
