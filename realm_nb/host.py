@@ -40,6 +40,31 @@ def score(logits: np.ndarray, token: int, k: int, token_text: Callable[[int], st
     return TokenLogprob(int(token), float(lp[token]), top, token_text(int(token)))
 
 
+def score_rows(logits: np.ndarray, tokens: np.ndarray, k: int,
+               token_text: Callable[[int], str]) -> list[TokenLogprob]:
+    """`score` for many positions at once: row i of logits [m, V] scores tokens[i] (len m).
+    Vectorized, in f32 with the log-sum-exp in f64: a 128-token chunk of a 49k vocabulary is a
+    few tens of ms, where a position at a time in f64 took 2 ms each."""
+    if len(tokens) == 0:
+        return []
+    x = logits[: len(tokens)]
+    peak = x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp((x - peak).astype(np.float64)).sum(axis=-1, keepdims=True)) + peak
+    rows = np.arange(len(tokens))
+    chosen = x[rows, tokens].astype(np.float64) - lse[:, 0]
+    tops: list[tuple[TopLogprob, ...]] = [()] * len(tokens)
+    if k > 0:
+        idx = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+        vals = np.take_along_axis(x, idx, axis=-1).astype(np.float64) - lse
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        idx, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
+        tops = [tuple(TopLogprob(int(i), float(v), token_text(int(i)))
+                      for i, v in zip(ri, rv, strict=True))
+                for ri, rv in zip(idx, vals, strict=True)]
+    return [TokenLogprob(int(t), float(c), top, token_text(int(t)))
+            for t, c, top in zip(tokens, chosen, tops, strict=True)]
+
+
 class RequestHost:
     """One generation's host state; the guest thread calls into it."""
 
@@ -85,14 +110,20 @@ class RequestHost:
                 f"tenant {self.seq.tenant!r}: the guest's first forward was {len(tokens)} "
                 f"tokens other than the request's {len(self.prompt_ids)}-token prompt; the ABI "
                 "starts with the prompt", abi_code=ErrorCode.BAD_REQUEST)
-        want_all = first and self.echo and self.logprobs is not None
-        logits = self.scheduler.forward(self.seq, tokens, all_logits=want_all)
-        if want_all:
+        if first and self.echo and self.logprobs is not None:
+            ids = np.asarray(tokens, np.int64)
             k = self.logprobs or 0
-            for pos in range(1, len(tokens)):
-                self.scored.append(score(logits[pos - 1], int(tokens[pos]), k,
-                                         self.codec.token_text))
-            logits = logits[-1]
+
+            def score_chunk(chunk: np.ndarray, at: int) -> list[TokenLogprob]:
+                # position p's logits score the prompt's token p + 1 (the last scores none)
+                return score_rows(chunk, ids[at + 1 : at + 1 + len(chunk)], k,
+                                  self.codec.token_text)
+
+            logits, parts = self.scheduler.forward_reduced(self.seq, tokens, score_chunk)
+            for part in parts:
+                self.scored.extend(part)
+        else:
+            logits = self.scheduler.forward(self.seq, tokens)
         if first:
             self.t_prompt_done = time.perf_counter()
         self._last_logits = logits if self.logprobs is not None else None

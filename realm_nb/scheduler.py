@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,10 @@ class _Pending:
     logits: np.ndarray | None = None
     error: BaseException | None = None
     at: int = 0  # prompt tokens already in the cache
-    parts: list[np.ndarray] = field(default_factory=list)  # all_logits chunks so far
+    # all_logits: each chunk's [m, V] logits go through `reduce` (chunk, first position) as they
+    # come, so a long echo+logprobs prompt never holds [n, V] at once; the results are kept
+    reduce: Callable[[np.ndarray, int], Any] | None = None
+    parts: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -184,9 +188,24 @@ class Scheduler:
 
         Returns f32 [V] (last position), or [n, V] when all_logits.
         """
-        if seq.closed:
-            raise RealmError(f"sequence {seq.id} of tenant {seq.tenant} is closed")
-        req = _Pending(seq, np.asarray(tokens, np.int32).reshape(-1), all_logits)
+        req = self._run(_Pending(seq, np.asarray(tokens, np.int32).reshape(-1), all_logits))
+        assert req.logits is not None
+        return req.logits
+
+    def forward_reduced(self, seq: Sequence, tokens: np.ndarray,
+                        reduce: Callable[[np.ndarray, int], Any]) -> tuple[np.ndarray, list[Any]]:
+        """`forward` with every position's logits, each prompt chunk's [m, V] handed to
+        reduce(chunk, first_position) on the step thread as it comes and then dropped, so a long
+        echo+logprobs prompt never holds [n, V] (2,000 tokens x 49k vocabulary: 400 MB).
+        Returns the last position's logits [V] and reduce's results in order."""
+        req = self._run(_Pending(seq, np.asarray(tokens, np.int32).reshape(-1), True,
+                                 reduce=reduce))
+        assert req.logits is not None
+        return req.logits, req.parts
+
+    def _run(self, req: _Pending) -> _Pending:
+        if req.seq.closed:
+            raise RealmError(f"sequence {req.seq.id} of tenant {req.seq.tenant} is closed")
         with self._cv:
             self._ensure_worker()
             self._pending.append(req)
@@ -194,8 +213,7 @@ class Scheduler:
         req.done.wait()
         if req.error is not None:
             raise req.error
-        assert req.logits is not None
-        return req.logits
+        return req
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -268,12 +286,18 @@ class Scheduler:
                 r.at += len(chunk)
                 self.prefill_tokens += len(chunk)
                 self.steps += 1
-                if r.all_logits:
+                if r.reduce is not None:
+                    r.parts.append(r.reduce(logits, r.at - len(chunk)))
+                    logits = logits[-1]
+                elif r.all_logits:
                     r.parts.append(logits)
                 if r.at >= len(r.tokens):
                     self._prefilling.remove(r)
-                    r.logits = np.concatenate(r.parts, axis=0) if r.all_logits else logits
-                    r.parts = []
+                    if r.reduce is not None:
+                        r.logits = logits
+                    else:
+                        r.logits = np.concatenate(r.parts, axis=0) if r.all_logits else logits
+                        r.parts = []
                     r.done.set()
             except BaseException as e:
                 self._prefilling.remove(r)

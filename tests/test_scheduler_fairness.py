@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from realm_nb.errors import QueueFullError
 from realm_nb.scheduler import Scheduler
 
 
-def _no_engine() -> None:
+def _no_engine() -> NoReturn:
     raise AssertionError("no forward runs in these tests")
 
 
@@ -32,7 +34,7 @@ def _open_in_thread(sched: Scheduler, tenant: str) -> tuple[threading.Thread, li
     return t, got
 
 
-def _wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -71,7 +73,7 @@ def test_a_freed_slot_goes_to_the_tenant_holding_fewest() -> None:
 def test_queue_limit_counts_waiters_of_every_tenant() -> None:
     sched = Scheduler(_no_engine, 1, name="full", max_queue=1, tenant_slots=1)
     sched.open("a")
-    t, _ = _open_in_thread(sched, "b")
+    _open_in_thread(sched, "b")
     _wait_until(lambda: sched.waiting == 1)
     with pytest.raises(QueueFullError, match="queue limit 1"):
         sched.open("c")
@@ -87,7 +89,7 @@ def test_a_long_prompt_lets_other_tenants_decode_between_its_chunks(
     chunks: list[int] = []
     real_prefill = engine.prefill
 
-    def recording_prefill(slot, tokens, start, all_logits=False):  # type: ignore[no-untyped-def]
+    def recording_prefill(slot, tokens, start, all_logits=False):
         chunks.append(len(tokens))
         return real_prefill(slot, tokens, start, all_logits)
 
@@ -117,3 +119,35 @@ def test_a_long_prompt_lets_other_tenants_decode_between_its_chunks(
         assert_close(steps_a[0], reference_logits(tiny, [*short, short[-1]])[-1])
     finally:
         sched.stop()
+
+
+def test_echo_logprobs_are_reduced_chunk_by_chunk(
+        tiny: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """An echo+logprobs prompt's logits reach the host a chunk at a time and are scored as they
+    come (host.score_rows), never held as [n, V]; the scores equal scoring each position alone."""
+    from realm_nb.host import score, score_rows
+
+    monkeypatch.setattr(scheduler_mod, "PREFILL_CHUNK", 16)
+    engine = tiny_engine(tiny.path)
+    sched = Scheduler(lambda: engine, engine.n_slots, name="tiny")
+    ids = np.asarray(_ids(tiny, 50, seed=30), np.int64)
+    seen: list[tuple[int, int]] = []
+
+    def reduce(chunk: np.ndarray, at: int) -> list:
+        seen.append((at, chunk.shape[0]))
+        return score_rows(chunk, ids[at + 1 : at + 1 + len(chunk)], 3, str)
+
+    try:
+        last, parts = sched.forward_reduced(sched.open("echo"), ids.astype(np.int32), reduce)
+        whole = sched.forward(sched.open("whole"), ids.astype(np.int32), all_logits=True)
+    finally:
+        sched.stop()
+    assert seen == [(0, 16), (16, 16), (32, 16), (48, 2)]  # one chunk at a time
+    scored = [s for part in parts for s in part]
+    assert len(scored) == len(ids) - 1
+    np.testing.assert_allclose(last, whole[-1], rtol=1e-5, atol=1e-5)
+    for pos, got in enumerate(scored):
+        want = score(whole[pos], int(ids[pos + 1]), 3, str)
+        assert got.token_id == want.token_id
+        assert abs(got.logprob - want.logprob) < 1e-4
+        assert [t.token_id for t in got.top] == [t.token_id for t in want.top]
