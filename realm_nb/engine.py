@@ -30,8 +30,8 @@ from .model import forward
 from .weights import ModelWeights
 
 # Small buckets keep a short prompt short: a 5-token prompt padded to 16 took ~220 ms here, to 8
-# ~110 ms (the kernel's work grows with the rows).
-PREFILL_BUCKETS = (4, 8, 16, 64, 128, 256)
+# ~110 ms (the kernel's work grows with the rows); 32 keeps a 17-token prompt (16 + BOS) off 64.
+PREFILL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
 # int8 dots of a single row take a slow path (32 ms for the head against 1.1 ms for 2 rows);
 # the fast layout always has >= 2 rows, its activations being two int8 planes.
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -53,7 +53,7 @@ def enable_compilation_cache() -> None:
     configured = getattr(jax.config, "jax_compilation_cache_dir", None)
     if os.environ.get("REALM_NB_XLA_CACHE", "1") == "0" or configured:
         return
-    from .catalogue import cache_dir
+    from .paths import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
