@@ -6,8 +6,9 @@ Prints, per layout: decode tok/s (single stream, host loop over the jitted decod
 tok/s for a 128-token prompt, time to first token after a 5-token prompt; then each layout's
 teacher-forced top-1 agreement with `exact` over a fixed text (>= 500 positions), its near-ties,
 and both perplexities, scored twice: logits of one prefill over the text (prompt chunks), and
-logits of decode steps fed the text a token at a time (what generation runs). The reference speeds are llama.cpp's on this machine as recorded in
-../shared/FACTS.md (llama.cpp is not installed here, so they are quoted, not re-measured).
+logits of decode steps fed the text a token at a time (what generation runs). The reference
+speeds are llama.cpp's on this machine as recorded in ../shared/FACTS.md (llama.cpp is not
+installed here, so they are quoted, not re-measured).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelNotFoundError, PullError
+from .paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,6 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
 )
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    """Folder where pulled models live; `REALM_NB_CACHE` overrides it."""
-    root = os.environ.get("REALM_NB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "realm-nb"
-    )
-    return Path(root)
 
 
 def find_entry(name: str) -> CatalogueEntry | None:

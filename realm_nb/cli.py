@@ -39,11 +39,11 @@ def _preload(realm: Any, args: argparse.Namespace) -> None:
 
     kernel = RealmKernel.shared()
     entry = kernel.model(args.model, getattr(args, "weights", None))
-    if entry.engine is not None:
+    if entry.loaded:
         return
     with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer", leave=False,
               file=sys.stderr) as bar:
-        kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
+        kernel.make_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,10 +161,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     decoding together) into XLA's persistent cache, so a new runtime skips those compiles."""
     import threading
 
-    from .engine import enable_compilation_cache
+    from .kernel import RealmKernel
     from .sdk import Realm
 
-    enable_compilation_cache()
+    RealmKernel.keep_compiled_steps()
     realm = Realm(mode="local", default_model=args.model)
     t0 = time.perf_counter()
     for n in (1, 2, 4):

@@ -108,7 +108,7 @@ def build_kernels(out: Path | None = None, source: Path | None = None, *,
 
 def _cache_build() -> Path:
     """Build for this machine into the realm-nb cache, keyed by source and jaxlib headers."""
-    from .catalogue import cache_dir
+    from .paths import cache_dir
 
     source = kernel_source()
     x86_linux = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")

@@ -292,6 +292,20 @@ class RealmKernel:
         except ModelNotFoundError:
             return self.store.register(name, layout=weights)
 
+    def make_resident(self, entry: ModelEntry,
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """Every layer of `entry` (from `model`) resident now; `progress(done, total)` per layer
+        loaded. For a face that shows its own progress bar before the first prompt."""
+        self.store.ensure_resident(entry, progress=progress)
+
+    @staticmethod
+    def keep_compiled_steps() -> None:
+        """Keep jit-compiled steps in XLA's persistent cache under the realm-nb cache
+        (`engine.enable_compilation_cache`; every engine also does this when it starts)."""
+        from .engine import enable_compilation_cache
+
+        enable_compilation_cache()
+
     def unload_model(self, name: str) -> ModelInfo:
         entries = self.store.unload(name)
         for entry in entries:
@@ -340,12 +354,12 @@ class RealmKernel:
     # ------------------------------------------------------------------ text helpers
 
     def render_chat(self, model: str, messages: list[dict[str, Any]], *,
-                    budget: TemplateBudget | None = None,
+                    weights: str | None = None, budget: TemplateBudget | None = None,
                     check: Callable[[], None] | None = None) -> str:
         """The model's chat template over `messages`, within `budget` (see chat_template);
         `check` is called while it renders and may raise to stop it (a cancelled request)."""
-        return self.model(model).codec.render_chat(validate_messages(messages), budget=budget,
-                                                   check=check)
+        return self.model(model, weights).codec.render_chat(validate_messages(messages),
+                                                            budget=budget, check=check)
 
     def tokenize(self, model: str, text: str) -> list[int]:
         return self.model(model).codec.encode(text)

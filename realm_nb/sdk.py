@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, overload
 from .catalogue import DEFAULT_MODEL
 from .errors import InvalidRequestError, ModelNotFoundError
 from .runtime import API_KEY_ENVS, DEFAULT_TENANT, env_value, find_runtime, notebook_tenant
-from .types import Generation, ModelInfo, SamplingParams
+from .types import Generation, ModelInfo, SamplingParams, check_layout
 
 Mode = Literal["local", "server", "auto"]
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -81,8 +81,7 @@ class LocalBackend:
 
     def chat(self, *, tenant: str, model: str, messages: list[dict[str, Any]],
              params: SamplingParams, logprobs: int | None, weights: str | None) -> Stream:
-        entry = self.kernel.model(model, weights)
-        prompt = entry.codec.render_chat(messages)
+        prompt = self.kernel.render_chat(model, messages, weights=weights)
         return self.kernel.generate(tenant=tenant, model=model, prompt=prompt, params=params,
                                     logprobs=logprobs, weights=weights)
 
@@ -106,8 +105,6 @@ class Realm:
             raise InvalidRequestError(f"mode={mode!r}: choose 'local', 'server' or 'auto'",
                                       param="mode")
         if weights is not None:
-            from .weights import check_layout
-
             check_layout(weights)
         found = None
         if endpoint is None and mode != "local":

@@ -29,11 +29,10 @@ from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
 from .gguf_io import GGUFFile, open_gguf
 from .kvcache import kv_dtype_for
 from .tokenizer import TextCodec, load_codec
-from .types import ModelInfo
+from .types import ModelInfo, check_layout
 from .weights import (
     LayerWeights,
     ModelWeights,
-    check_layout,
     check_tensors,
     default_layout,
     load_globals,

@@ -22,6 +22,16 @@ WeightLayout = Literal["exact", "fast", "packed"]
 WEIGHT_LAYOUTS: tuple[str, ...] = ("exact", "fast", "packed")
 
 
+def check_layout(layout: str) -> str:
+    """`layout` if it names a weight layout (here, not in `weights`, so faces can check one
+    without importing the model layer)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise InvalidRequestError(
+            f"weights={layout!r} is not a weight layout; choose one of {WEIGHT_LAYOUTS}",
+            param="weights")
+    return layout
+
+
 def _check(ok: bool, param: str, value: Any, rule: str) -> None:
     if not ok:
         raise InvalidRequestError(

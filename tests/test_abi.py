@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
 from realm_nb import abi
 from realm_nb.errors import InvalidRequestError
 
-GOOD = dict(
+GOOD: dict[str, Any] = dict(
     vocab_size=1000,
     prompt=[1, 2, 999],
     max_tokens=16,

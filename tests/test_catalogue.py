@@ -35,6 +35,7 @@ def test_aliases_find_the_same_entry() -> None:
         assert catalogue.find_entry(alias.upper()) is entry
 
 
+@pytest.mark.slow
 def test_pull_default_model_matches_catalogue_sha256(smollm2_path: Path) -> None:
     path = catalogue.pull(catalogue.DEFAULT_MODEL, progress=False)  # cached: no download
     assert path == smollm2_path

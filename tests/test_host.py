@@ -10,6 +10,8 @@ from realm_nb.host import RequestHost
 from realm_nb.scheduler import Sequence
 from realm_nb.types import SamplingParams
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 (the shared kernel)
+
 TEXT = "Caf\u00e9 \U0001f389 party: \u65e5\u672c\u8a9e and \U0001f600\U0001f600 done."
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from jupyter_harness import JupyterServer, run_cell
 
 from realm_nb.runtime import pid_alive
-from tests.jupyter_harness import JupyterServer, run_cell
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,8 @@ from realm_nb.kernel import RealmKernel
 from realm_nb.sdk import Realm
 from realm_nb.types import Generation, SamplingParams
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 (the shared kernel)
+
 MODEL = "smollm2-135m"
 PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"
 K = 3

@@ -1,6 +1,6 @@
 """Acceptance against llama.cpp on the real SmolLM2-135M Q4_1, through the public SDK.
 
-References (shared/refs/smollm2_llamacpp.json): llama.cpp's prompt ids, its top-5 logits after
+References (tests/data/smollm2_llamacpp.json): llama.cpp's prompt ids, its top-5 logits after
 the whole prompt, and its greedy continuation. Free-running greedy text parts from llama.cpp at
 the first near-tie (llama.cpp rounds activations to 8 bits before each quantized matmul; we do
 not in the `exact` layout), so the continuation is compared teacher-forced: at each position of

@@ -22,6 +22,10 @@ from IPython.utils.capture import capture_output
 from realm_nb.cell_output import code_cell, code_of
 from realm_nb.magics import RealmMagics, interpolate, unescape_stop
 
+# the magics generate with the real SmolLM2 (the shared kernel); the few pure helpers
+# tested here ride along
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ip(kernel):

@@ -113,8 +113,8 @@ def test_openai_chat_equals_local(client: openai.OpenAI, local) -> None:
     assert got.choices[0].message.content == want.text
     assert got.choices[0].message.role == "assistant"
     assert got.usage is not None and got.usage.prompt_tokens == want.usage["prompt_tokens"]
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(  # type: ignore[call-overload]
+        model=MODEL, messages=messages, max_tokens=12, temperature=0,
         stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
@@ -423,9 +423,10 @@ def test_a_malformed_tenant_header_is_a_400(runtime_keyed, bad: str) -> None:
 def test_load_progress_streams_before_the_first_piece(tmp_path: Path) -> None:
     """A model that is not resident yet: the realm stream reports its layers loading and the
     compile, then the text (what a notebook cell shows during a cold start)."""
+    from tiny_gguf import write_tiny_llama
+
     from realm_nb.kernel import RealmKernel
     from realm_nb.types import SamplingParams
-    from tests.tiny_gguf import write_tiny_llama
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path)

@@ -18,12 +18,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from tiny_gguf import D_MODEL, write_tiny_llama
 
 from realm_nb.chat_template import TemplateBudget, render_template
 from realm_nb.errors import ChatTemplateBudgetError, ChatTemplateError
 from realm_nb.kernel import RealmKernel
 from realm_nb.server import BackgroundServer, ServerLimits, create_app, json_text
-from tests.tiny_gguf import D_MODEL, write_tiny_llama
 
 TINY = "tiny"
 SMALL_BODY = 64 * 1024

@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tiny_gguf import write_tiny_llama
 
 from realm_nb.kernel import RealmKernel
 from realm_nb.server import BackgroundServer, KeyConfig, ServerLimits, create_app, load_keys
 from realm_nb.server_auth import hash_key
 from realm_nb.types import Generation
-from tests.tiny_gguf import write_tiny_llama
 
 TINY = "tiny"
 ADMIN, BOB, RUNTIME = "sk-admin-0123456789", "sk-bob-0123456789", "sk-runtime-0123456789"

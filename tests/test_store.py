@@ -9,6 +9,8 @@ import pytest
 from realm_nb.errors import MemoryBudgetError, ModelNotFoundError
 from realm_nb.store import LayerStore
 
+pytestmark = pytest.mark.slow  # every test registers the real SmolLM2
+
 
 def small_store(budget_bytes: int | None = None) -> LayerStore:
     """A store whose engines keep a small KV cache (1 slot, 128 positions)."""

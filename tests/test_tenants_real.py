@@ -17,6 +17,8 @@ from realm_nb.kernel import GenerationStream, RealmKernel
 from realm_nb.sdk import Realm
 from realm_nb.types import Generation, SamplingParams
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 (the shared kernel)
+
 MODEL = "smollm2-135m"
 N_NEW = 24
 # "Once upon a time, in a small village,"

@@ -26,16 +26,19 @@ def smollm2(smollm2_path: Path) -> TextCodec:
 # --- the real SmolLM2 vocabulary against llama.cpp ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_prompts_encode_to_llamacpp_ids(smollm2: TextCodec, llamacpp_refs: dict) -> None:
     for case in llamacpp_refs["cases"]:
         assert smollm2.encode(case["prompt"]) == case["prompt_ids"], case["prompt"]
 
 
+@pytest.mark.slow
 def test_greedy_ids_decode_to_llamacpp_text(smollm2: TextCodec, llamacpp_refs: dict) -> None:
     for case in llamacpp_refs["cases"]:
         assert smollm2.decode(case["greedy_ids"]) == case["greedy_text"], case["prompt"]
 
 
+@pytest.mark.slow
 def test_control_tokens_encode_as_single_ids(smollm2: TextCodec) -> None:
     assert smollm2.encode("<|im_start|>") == [1]
     assert smollm2.encode("<|im_end|>") == [2]
@@ -45,6 +48,7 @@ def test_control_tokens_encode_as_single_ids(smollm2: TextCodec) -> None:
     assert not smollm2.add_bos  # llama.cpp adds no BOS for this gpt2 vocabulary
 
 
+@pytest.mark.slow
 def test_chat_template_renders_chatml(smollm2: TextCodec) -> None:
     text = smollm2.render_chat([{"role": "user", "content": "Hi"}])
     assert text == (f"<|im_start|>system\n{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n"
@@ -70,6 +74,7 @@ def test_template_raise_exception_becomes_chat_template_error() -> None:
         render_template(template, [{"role": "user", "content": "Hi"}], True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("messages", [
     [],
     "Hi",

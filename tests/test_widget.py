@@ -13,6 +13,8 @@ import pytest
 from realm_nb.types import SamplingParams
 from realm_nb.widget import STATIC, RealmPanel
 
+pytestmark = pytest.mark.slow  # the panel generates with the real SmolLM2 (the shared kernel)
+
 
 @pytest.fixture()
 def panel(kernel):
