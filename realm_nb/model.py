@@ -1,6 +1,10 @@
 """The llama-family forward in plain JAX: embedding → L × (RMSNorm, GQA attention with RoPE,
 SwiGLU) → RMSNorm → head. Pure functions; `engine.py` holds the only jit boundaries.
 
+Architectures differ by small blocks the config switches on (config.ArchSpec), never by a copy
+of the forward: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3), RoPE on adjacent pairs
+(llama) or on halves (NEOX: qwen2, qwen3), and scaled RoPE frequencies (Llama 3).
+
 Glossary: B batch rows, T new tokens per row, S cache slots, C cached positions (t_ctx), D width,
 H query heads, G kv heads, R = H / G query heads per kv head, K head dim, F ffn, V vocab, L layers,
 P pages of the KV pool, N = C / PAGE pages a row reads.
@@ -28,9 +32,12 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, 1, K/2] for integer positions [B, T]."""
+    """cos, sin [B, T, 1, K/2] for integer positions [B, T]; frequency i is base^(-2i/K),
+    divided by cfg.rope_freq_factors[i] where the file scales RoPE (Llama 3)."""
     half = cfg.head_dim // 2
     inv_freq = cfg.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
@@ -41,6 +48,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape)
+
+
+def apply_rope_halves(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (x[i], x[i + K/2]): llama.cpp's NEOX rope, for files whose q/k rows keep the
+    checkpoint's order (qwen2, qwen3; llama's converter permutes them into adjacent pairs)."""
+    x0, x1 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+
+ROPE_STYLES = {"pairs": apply_rope, "halves": apply_rope_halves}
 
 
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
@@ -84,6 +101,7 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
     n, page = table_rows.shape[1], cache.page_size
     x = embed_rows(params.embed, tokens)  # [B, T, D]
     cos, sin = rope_tables(positions, cfg)
+    rope = ROPE_STYLES[cfg.rope_style]
 
     def block(carry: tuple[jax.Array, jax.Array, jax.Array],
               layer: tuple[LayerWeights, jax.Array]
@@ -92,10 +110,16 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
         w, l = layer
         h = rms_norm(x, w.attn_norm, cfg.rms_eps)
         q, k, v = linear_many(h, (w.wq, w.wk, w.wv))
+        # qwen2: q/k/v biases, added after the (packed) matmuls
+        if w.bq is not None and w.bk is not None and w.bv is not None:
+            q, k, v = q + w.bq, k + w.bk, v + w.bv
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # qwen3: RMSNorm over each head's K dims, before RoPE
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         k_cache = k_cache.at[l, page_ids, offsets].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[l, page_ids, offsets].set(v.astype(v_cache.dtype))
         shape = (b, n * page, cfg.n_kv_heads, cfg.head_dim)

@@ -32,10 +32,8 @@ from gguf import GGMLQuantizationType as QT
 
 from . import cpu_kernels, quants
 from .config import ModelConfig
-from .errors import InvalidRequestError
 from .gguf_io import GGUFFile
 from .quants import QuantArray
-from .types import WEIGHT_LAYOUTS
 
 Matrix = Any  # jax.Array f32 | QuantArray | Int8Matrix | PackedMatrix, all [..., out, in]
 
@@ -192,7 +190,11 @@ def embed_rows(w: Matrix, ids: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class LayerWeights:
-    """One transformer block; in `ModelWeights.layers` every field has a leading L axis."""
+    """One transformer block; in `ModelWeights.layers` every field has a leading L axis.
+
+    The optional vectors are None where the architecture has no such tensor (None is a pytree
+    without leaves, so stacking and `lax.scan` pass it through); they are f32 in every layout.
+    """
 
     attn_norm: jax.Array  # [D]
     wq: Matrix  # [H*K, D]
@@ -203,6 +205,11 @@ class LayerWeights:
     w_gate: Matrix  # [F, D]
     w_up: Matrix  # [F, D]
     w_down: Matrix  # [D, F]
+    bq: jax.Array | None = None  # [H*K]  q/k/v biases (cfg.qkv_bias: qwen2)
+    bk: jax.Array | None = None  # [G*K]
+    bv: jax.Array | None = None  # [G*K]
+    q_norm: jax.Array | None = None  # [K]  per-head RMSNorm weights (cfg.qk_norm: qwen3)
+    k_norm: jax.Array | None = None  # [K]
 
 
 @jax.tree_util.register_dataclass
@@ -226,16 +233,32 @@ LAYER_TENSORS: dict[str, str] = {
     "w_down": "ffn_down",
 }
 NORMS = ("attn_norm", "ffn_norm")
+# Per-layer vectors only some architectures have (the config says which): field → tensor name.
+OPTIONAL_VECTORS: dict[str, str] = {
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
+}
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each per-layer tensor (numpy order, rows first)."""
+    """Shape of each per-layer tensor the config's architecture has (numpy order, rows first)."""
     d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
-    return {"attn_norm": (d,), "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
-            "ffn_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "attn_norm": (d,), "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
+        "ffn_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(cfg.head_dim,), k_norm=(cfg.head_dim,))
+    return shapes
 
 
 def tensor_name(field: str, layer: int) -> str:
+    if field in OPTIONAL_VECTORS:
+        return f"blk.{layer}.{OPTIONAL_VECTORS[field]}"
     return f"blk.{layer}.{LAYER_TENSORS[field]}.weight"
 
 
@@ -244,14 +267,6 @@ def default_layout() -> str:
     are, half the bytes of `fast`, and follows `exact` on 100 % of benchmarks/bench_engine.py's
     positions); `fast` elsewhere (XLA's own int8 dots: GPUs, TPUs, or no kernel for this CPU)."""
     return "packed" if kernel_usable() else "fast"
-
-
-def check_layout(layout: str) -> str:
-    if layout not in WEIGHT_LAYOUTS:
-        raise InvalidRequestError(
-            f"weights={layout!r} is not a weight layout; choose one of {WEIGHT_LAYOUTS}",
-            param="weights")
-    return layout
 
 
 def check_tensors(f: GGUFFile, cfg: ModelConfig) -> None:
@@ -347,9 +362,9 @@ def load_layer(f: GGUFFile, cfg: ModelConfig, layer: int, layout: str,
     (stack_types[field] is None) is expanded to f32 in `exact` and re-quantized to Q8_0 in
     `packed`, so all layers can be stacked."""
     parts: dict[str, Any] = {}
-    for field in LAYER_TENSORS:
+    for field in layer_shapes(cfg):
         name = tensor_name(field, layer)
-        if field in NORMS:
+        if field in NORMS or field in OPTIONAL_VECTORS:
             parts[field] = load_vector(f, name)
         elif layout == "exact" and stack_types[field] is None:
             parts[field] = _dequantize_f32(f, name)

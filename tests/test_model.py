@@ -4,7 +4,8 @@ The reference below is written from the llama definition, not from our code: RMS
 adjacent pairs (x[2i], x[2i+1]) with theta_i = base^(-2i/K) (the order GGUF llama files store q/k
 in), grouped-query attention (query head h reads kv head h // (H/G)), SwiGLU, and a head tied to
 the embedding unless the file has output.weight. It runs in float64 over the weights as
-`gguf.quants.dequantize` expands them.
+`gguf.quants.dequantize` expands them. tests/test_architectures.py uses it with the pieces other
+architectures add (q/k/v biases, per-head q/k RMSNorm, RoPE on halves, scaled RoPE frequencies).
 """
 
 from __future__ import annotations
@@ -42,38 +43,61 @@ def _rms_norm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + tg.RMS_EPS) * w
 
 
-def _rope(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """x [T, n_heads, K]: rotate each adjacent pair (x[2i], x[2i+1]) by pos * base^(-2i/K)."""
+def _rope(x: np.ndarray, positions: np.ndarray, *, halves: bool = False,
+          base: float = tg.ROPE_BASE, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """x [T, n_heads, K]: rotate each pair by pos * theta_i, theta_i = base^(-2i/K) (divided
+    by freq_factors[i] where given). The pairs are (x[2i], x[2i+1]) in llama's GGUF order, or
+    (x[i], x[i + K/2]) with `halves` (GPT-NeoX / HF rotate_half, as Qwen files store q/k)."""
     k = x.shape[-1]
-    theta = tg.ROPE_BASE ** (-2.0 * np.arange(k // 2) / k)
+    theta = base ** (-2.0 * np.arange(k // 2) / k)
+    if freq_factors is not None:
+        theta = theta / freq_factors
     angle = positions[:, None, None] * theta[None, None, :]  # [T, 1, K/2]
     cos, sin = np.cos(angle), np.sin(angle)
-    even, odd = x[..., 0::2], x[..., 1::2]
+    first = (slice(0, k // 2) if halves else slice(0, None, 2))
+    second = (slice(k // 2, None) if halves else slice(1, None, 2))
+    a, b = x[..., first], x[..., second]
     out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
     return out
 
 
-def reference_logits(model: TinyModel, ids: list[int]) -> np.ndarray:
-    """Logits [T, V] at every position of `ids` (one sequence from position 0), float64."""
+def reference_logits(model: TinyModel, ids: list[int], *, rope_halves: bool = False,
+                     rope_base: float = tg.ROPE_BASE,
+                     rope_freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """Logits [T, V] at every position of `ids` (one sequence from position 0), float64.
+
+    Where the file has them, q/k/v biases are added to the projections (Qwen 2) and q and k are
+    RMS-normed per head before RoPE (Qwen 3); K is read from attn_q's rows.
+    """
     w = {k: v.astype(np.float64) for k, v in model.weights.items()}
     t = len(ids)
     pos = np.arange(t, dtype=np.float64)
     x = w["token_embd.weight"][np.asarray(ids)]  # [T, D]
     causal = np.tril(np.ones((t, t), dtype=bool))
     per_kv = tg.N_HEADS // tg.N_KV_HEADS
+    head_dim = w["blk.0.attn_q.weight"].shape[0] // tg.N_HEADS
+
+    def rope(x: np.ndarray) -> np.ndarray:
+        return _rope(x, pos, halves=rope_halves, base=rope_base, freq_factors=rope_freq_factors)
+
     for layer in range(tg.N_LAYERS):
         p = f"blk.{layer}."
         h = _rms_norm(x, w[p + "attn_norm.weight"])
-        q = (h @ w[p + "attn_q.weight"].T).reshape(t, tg.N_HEADS, tg.HEAD_DIM)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(t, tg.N_KV_HEADS, tg.HEAD_DIM)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, tg.N_KV_HEADS, tg.HEAD_DIM)
-        q, k = _rope(q, pos), _rope(k, pos)
+        q, k, v = (h @ w[p + f"attn_{n}.weight"].T + w.get(p + f"attn_{n}.bias", 0.0)
+                   for n in "qkv")
+        q = q.reshape(t, tg.N_HEADS, head_dim)
+        k = k.reshape(t, tg.N_KV_HEADS, head_dim)
+        v = v.reshape(t, tg.N_KV_HEADS, head_dim)
+        if p + "attn_q_norm.weight" in w:
+            q = _rms_norm(q, w[p + "attn_q_norm.weight"])
+            k = _rms_norm(k, w[p + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
         heads = []
         for head in range(tg.N_HEADS):
             g = head // per_kv
-            scores = np.where(causal, q[:, head] @ k[:, g].T / np.sqrt(tg.HEAD_DIM),
+            scores = np.where(causal, q[:, head] @ k[:, g].T / np.sqrt(head_dim),
                               -np.inf)  # [T, T]
             probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)

@@ -4,6 +4,8 @@
 a gpt2-style byte-level BPE vocabulary (256 byte tokens, a few merges, control tokens). It returns
 the float weights as `gguf.quants.dequantize` expands them: the reference a numpy forward uses.
 `write_tiny_spm` writes the same model with a SentencePiece (`llama`) vocabulary instead.
+`write_tiny_arch` writes it as another architecture of the llama family (qwen2, qwen3, Llama 3),
+with that architecture's extra tensors (`ARCH_TENSORS`) and metadata keys.
 
 Shapes are numpy order (rows first), as `gguf_io.TensorInfo.shape`; GGUF stores them reversed.
 """
@@ -55,8 +57,8 @@ CHATML_TEMPLATE = (
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
 
 
-def layer_shapes() -> dict[str, tuple[int, int] | tuple[int]]:
-    q, kv = N_HEADS * HEAD_DIM, N_KV_HEADS * HEAD_DIM
+def layer_shapes(head_dim: int = HEAD_DIM) -> dict[str, tuple[int, int] | tuple[int]]:
+    q, kv = N_HEADS * head_dim, N_KV_HEADS * head_dim
     return {"attn_norm": (D_MODEL,), "attn_q": (q, D_MODEL), "attn_k": (kv, D_MODEL),
             "attn_v": (kv, D_MODEL), "attn_output": (D_MODEL, q), "ffn_norm": (D_MODEL,),
             "ffn_gate": (D_FF, D_MODEL), "ffn_up": (D_FF, D_MODEL), "ffn_down": (D_MODEL, D_FF)}
@@ -152,9 +154,9 @@ class TinyModel:
 
 
 def _tensor_plan(vocab_size: int, tied: bool, rng: np.random.Generator,
-                 ) -> dict[str, tuple[np.ndarray, QT]]:
+                 head_dim: int = HEAD_DIM) -> dict[str, tuple[np.ndarray, QT]]:
     plan: dict[str, tuple[np.ndarray, QT]] = {}
-    shapes = layer_shapes()
+    shapes = layer_shapes(head_dim)
     for layer in range(N_LAYERS):
         for short, shape in shapes.items():
             name = f"blk.{layer}.{short}.weight"
@@ -180,20 +182,25 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
                      replace: Mapping[str, tuple[np.ndarray, QT]] | None = None,
                      metadata: Mapping[str, Any] | None = None,
                      chat_template: str | None = CHATML_TEMPLATE,
-                     add_bos: bool | None = False) -> TinyModel:
+                     add_bos: bool | None = False, head_dim: int = HEAD_DIM,
+                     rope_base: float = ROPE_BASE, pre: str = "default") -> TinyModel:
     """Write a tiny llama GGUF file; return its path, vocabulary and dequantized float weights.
 
     Args:
       omit: tensor names not to write (a damaged file for error tests).
-      replace: name → (array, type) written instead of the planned tensor; a uint8 array is
-        written as raw block bytes [rows, row_bytes] of that type (no quantization).
-      metadata: extra or overriding llama.* keys, as {key without the arch prefix: uint32}.
+      replace: name → (array, type) written instead of the planned tensor, or added where none
+        is planned; a uint8 array is written as raw block bytes [rows, row_bytes] of that type
+        (no quantization).
+      metadata: extra or overriding {arch}.* keys, as {key without the arch prefix: value}; an
+        int is written as uint32, a float as float32, a str as a string.
       add_bos: tokenizer.ggml.add_bos_token, or None to leave the key out (the kind's default).
+      head_dim: K; where it is not D / H the file says so in {arch}.attention.key_length.
+      pre: tokenizer.ggml.pre of a gpt2 vocabulary.
     """
     path = Path(path)
     vocab = vocab or gpt2_vocab()
     rng = np.random.default_rng(seed)
-    plan = _tensor_plan(len(vocab.tokens), tied, rng)
+    plan = _tensor_plan(len(vocab.tokens), tied, rng, head_dim)
     plan.update(replace or {})
     for name in omit:
         plan.pop(name)
@@ -206,13 +213,21 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
     w.add_feed_forward_length(D_FF)
     w.add_head_count(N_HEADS)
     w.add_head_count_kv(N_KV_HEADS)
-    w.add_rope_freq_base(ROPE_BASE)
+    if head_dim != D_MODEL // N_HEADS:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(RMS_EPS)
     for key, value in (metadata or {}).items():
-        w.add_uint32(f"{arch}.{key}", int(value))
+        if isinstance(value, str):
+            w.add_string(f"{arch}.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", int(value))
     w.add_tokenizer_model(vocab.model)
     if vocab.model == "gpt2":
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(pre)
         w.add_token_merges(vocab.merges)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
@@ -254,6 +269,45 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
 def write_tiny_spm(path: str | Path, *, seed: int = 0) -> TinyModel:
     """The tiny llama with a SentencePiece (`llama`) vocabulary with byte fallback."""
     return write_tiny_llama(path, seed=seed, vocab=spm_vocab(), chat_template=None, add_bos=None)
+
+
+# --- other architectures of the llama family ---------------------------------------------------
+
+# The tensors each architecture adds to every layer, as llama.cpp's converter names them
+# (gguf.constants.MODEL_TENSORS): qwen2's q/k/v biases, qwen3's per-head q/k RMSNorm weights.
+ARCH_TENSORS: dict[str, tuple[str, ...]] = {
+    "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
+}
+QWEN_ROPE_BASE = 1000000.0  # what Qwen 2.5 / 3 files say in {arch}.rope.freq_base
+
+
+def arch_tensors(arch: str, head_dim: int, rng: np.random.Generator,
+                 ) -> dict[str, tuple[np.ndarray, QT]]:
+    """Random f32 extra tensors of `arch` for every layer (biases ~0.5, norm weights ~1)."""
+    width = {"attn_q": N_HEADS * head_dim, "attn_k": N_KV_HEADS * head_dim,
+             "attn_v": N_KV_HEADS * head_dim, "attn_q_norm": head_dim, "attn_k_norm": head_dim}
+    out: dict[str, tuple[np.ndarray, QT]] = {}
+    for layer in range(N_LAYERS):
+        for short in ARCH_TENSORS.get(arch, ()):
+            base, kind = short.rsplit(".", 1)
+            noise = rng.standard_normal(width[base])
+            data = 0.5 * noise if kind == "bias" else 1.0 + 0.2 * noise
+            out[f"blk.{layer}.{short}"] = (data.astype(np.float32), QT.F32)
+    return out
+
+
+def write_tiny_arch(path: str | Path, arch: str, *, seed: int = 0, tied: bool = True,
+                    head_dim: int = HEAD_DIM, rope_base: float = ROPE_BASE,
+                    pre: str = "default",
+                    extra: Mapping[str, tuple[np.ndarray, QT]] | None = None,
+                    metadata: Mapping[str, Any] | None = None) -> TinyModel:
+    """The tiny llama written as `arch` (general.architecture and {arch}.* keys), with that
+    architecture's extra tensors (ARCH_TENSORS) and any `extra` ones (e.g. rope_freqs.weight)."""
+    tensors = arch_tensors(arch, head_dim, np.random.default_rng(seed + 1000))
+    tensors.update(extra or {})
+    return write_tiny_llama(path, seed=seed, tied=tied, arch=arch, replace=tensors,
+                            metadata=metadata, head_dim=head_dim, rope_base=rope_base, pre=pre)
 
 
 # --- small and damaged files (loader and fuzz tests) -------------------------------------------

@@ -1,0 +1,265 @@
+"""Architectures beyond plain llama (config + small blocks in model.py) against numpy references.
+
+Each tiny file is written with the real tensor names and metadata keys of its architecture
+(tiny_gguf.write_tiny_arch) and compared with test_model's float64 reference, told what the
+architecture's definition says:
+- qwen2 (Qwen 2 / 2.5): q/k/v biases, rope base 1e6, NEOX RoPE on halves (llama.cpp's rope type
+  for qwen2; its converter does not permute Qwen's q/k rows the way it does llama's);
+- qwen3: per-head RMSNorm of q and k before RoPE, no biases, head dim K with H*K != D, NEOX RoPE;
+- Llama 3: the `llama` arch with RoPE frequencies divided by `rope_freqs.weight` (what llama.cpp's
+  converter writes for Llama 3.1+) or by the llama3 factors named in `llama.rope.scaling.*`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiny_gguf as tg
+from gguf import GGMLQuantizationType as QT
+from test_model import build_engine, reference_logits
+from tiny_gguf import TinyModel
+
+from realm_nb.config import ModelConfig, llama3_rope_factors
+from realm_nb.engine import PREFILL_BUCKETS, Engine
+from realm_nb.errors import MissingTensorError, UnsupportedArchitectureError
+from realm_nb.gguf_io import open_gguf
+from realm_nb.tokenizer import build_tokenizer
+from realm_nb.weights import check_tensors
+
+EXACT_TOL = 1e-4  # max abs logit error of `exact` (f32) against the float64 reference
+
+# Llama 3 scaling with a short original context, so that most of the tiny model's frequencies
+# are scaled (a real file says 8192; the formula is the same).
+LLAMA3_KEYS: dict[str, Any] = {"rope.scaling.type": "llama3", "rope.scaling.factor": 8.0,
+                               "rope.scaling.low_freq_factor": 1.0,
+                               "rope.scaling.high_freq_factor": 4.0,
+                               "rope.scaling.original_context_length": 64}
+ROPE_FREQS = (1.0 + 7.0 * np.random.default_rng(5).random(tg.HEAD_DIM // 2)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One tiny file: how to write it, and what the architecture's definition says."""
+
+    arch: str
+    head_dim: int = tg.HEAD_DIM
+    rope_base: float = tg.ROPE_BASE
+    rope_halves: bool = False
+    pre: str = "default"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rope_freqs: np.ndarray | None = None  # written as rope_freqs.weight
+
+    def freq_factors(self) -> np.ndarray | None:
+        if self.rope_freqs is not None:
+            return self.rope_freqs.astype(np.float64)
+        if self.metadata.get("rope.scaling.type") == "llama3":
+            return llama3_reference_factors(self.head_dim, self.rope_base, **{
+                k.rsplit(".", 1)[1]: v for k, v in self.metadata.items()
+                if k != "rope.scaling.type"})
+        return None
+
+
+CASES = {
+    "qwen2": Case("qwen2", rope_base=tg.QWEN_ROPE_BASE, rope_halves=True, pre="qwen2"),
+    "qwen3": Case("qwen3", head_dim=2 * tg.HEAD_DIM, rope_base=tg.QWEN_ROPE_BASE,
+                  rope_halves=True, pre="qwen2"),
+    "llama3-rope-freqs": Case("llama", rope_base=500000.0, pre="llama-bpe",
+                              rope_freqs=ROPE_FREQS),
+    "llama3-scaling-keys": Case("llama", pre="llama-bpe", metadata=LLAMA3_KEYS),
+}
+
+
+def llama3_reference_factors(head_dim: int, base: float, *, factor: float,
+                             low_freq_factor: float, high_freq_factor: float,
+                             original_context_length: int) -> np.ndarray:
+    """Llama 3's frequency divisors, from Meta's `apply_scaling` (llama3 reference code)."""
+    out = []
+    for i in range(head_dim // 2):
+        freq = base ** (-2.0 * i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < original_context_length / high_freq_factor:
+            new = freq
+        elif wavelen > original_context_length / low_freq_factor:
+            new = freq / factor
+        else:
+            smooth = ((original_context_length / wavelen - low_freq_factor)
+                      / (high_freq_factor - low_freq_factor))
+            new = (1 - smooth) * freq / factor + smooth * freq
+        out.append(freq / new)
+    return np.asarray(out)
+
+
+def write_case(path: Path, case: Case, seed: int = 3) -> TinyModel:
+    extra = {}
+    if case.rope_freqs is not None:
+        extra["rope_freqs.weight"] = (case.rope_freqs, QT.F32)
+    return tg.write_tiny_arch(path, case.arch, seed=seed, tied=case.arch != "qwen3",
+                              head_dim=case.head_dim, rope_base=case.rope_base, pre=case.pre,
+                              extra=extra, metadata=case.metadata)
+
+
+def reference(model: TinyModel, case: Case, ids: list[int]) -> np.ndarray:
+    return reference_logits(model, ids, rope_halves=case.rope_halves, rope_base=case.rope_base,
+                            rope_freq_factors=case.freq_factors())
+
+
+def random_ids(model: TinyModel, n: int, seed: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(0, model.vocab_size, n)]
+
+
+# ================================================================ fixtures
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Case, TinyModel, Engine]:
+    case = CASES[request.param]
+    model = write_case(tmp_path_factory.mktemp("arch") / f"{request.param}.gguf", case)
+    return case, model, build_engine(model.path, "exact", max_context=320)
+
+
+# ================================================================ exact against the reference
+
+
+def test_config_reads_the_architecture(case_model: tuple[Case, TinyModel, Engine]) -> None:
+    case, _, engine = case_model
+    cfg = engine.cfg
+    assert cfg.rope_style == ("halves" if case.rope_halves else "pairs")
+    assert cfg.qkv_bias == (case.arch == "qwen2")
+    assert cfg.qk_norm == (case.arch == "qwen3")
+    assert cfg.head_dim == case.head_dim and cfg.rope_base == case.rope_base
+    factors = case.freq_factors()
+    if factors is None:
+        assert cfg.rope_freq_factors is None
+    else:
+        assert cfg.rope_freq_factors is not None
+        np.testing.assert_allclose(cfg.rope_freq_factors, factors, rtol=1e-6)
+
+
+def test_prefill_logits_equal_numpy_reference(case_model: tuple[Case, TinyModel, Engine]
+                                              ) -> None:
+    case, model, engine = case_model
+    ids = random_ids(model, 40, seed=7)
+    ours = engine.prefill(0, ids, 0, all_logits=True)
+    ref = reference(model, case, ids)
+    assert ours.shape == ref.shape
+    err = float(np.max(np.abs(ours - ref)))
+    assert err <= EXACT_TOL, err
+
+
+def test_the_architectures_pieces_matter(case_model: tuple[Case, TinyModel, Engine]) -> None:
+    """The reference without the architecture's RoPE (plain llama pairs, no scaling) is far off:
+    the tests above would catch a forward that ignored it."""
+    case, model, engine = case_model
+    ids = random_ids(model, 40, seed=7)
+    ours = engine.prefill(0, ids, 0, all_logits=True)
+    plain = reference_logits(model, ids, rope_base=case.rope_base)
+    if case.rope_halves or case.freq_factors() is not None:
+        assert float(np.max(np.abs(ours - plain))) > 100 * EXACT_TOL
+
+
+def test_batched_decode_equals_solo(case_model: tuple[Case, TinyModel, Engine]) -> None:
+    _, model, engine = case_model
+    a, b = random_ids(model, 9, seed=11), random_ids(model, 14, seed=12)
+    engine.prefill(0, a, 0)
+    solo_a = engine.decode_step([0], [5], [len(a)])[0]
+    engine.prefill(1, b, 0)
+    solo_b = engine.decode_step([1], [6], [len(b)])[0]
+    engine.prefill(2, a, 0)
+    engine.prefill(3, b, 0)
+    both = engine.decode_step([2, 3], [5, 6], [len(a), len(b)])
+    np.testing.assert_allclose(both[0], solo_a, rtol=0, atol=EXACT_TOL)
+    np.testing.assert_allclose(both[1], solo_b, rtol=0, atol=EXACT_TOL)
+    assert not np.allclose(solo_a, solo_b, atol=1e-2)
+
+
+def test_chunked_prefill_equals_one_prefill(case_model: tuple[Case, TinyModel, Engine]) -> None:
+    """A prompt past the largest prefill bucket (chunked inside the engine) and a prompt fed in
+    two calls both give the logits of the float64 reference over the whole sequence."""
+    case, model, engine = case_model
+    n = PREFILL_BUCKETS[-1] + 30
+    ids = random_ids(model, n, seed=13)
+    whole = engine.prefill(0, ids, 0, all_logits=True)
+    ref = reference(model, case, ids)
+    assert float(np.max(np.abs(whole - ref))) <= EXACT_TOL
+    split = 100
+    engine.prefill(1, ids[:split], 0)
+    rest = engine.prefill(1, ids[split:], split, all_logits=True)
+    np.testing.assert_allclose(rest, whole[split:], rtol=0, atol=EXACT_TOL)
+
+
+# ================================================================ the other layouts
+
+
+@pytest.mark.parametrize("layout", ["packed", "fast"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_other_layouts_stay_close_to_the_reference(layout: str, name: str,
+                                                   tmp_path: Path) -> None:
+    case = CASES[name]
+    model = write_case(tmp_path / f"{name}.gguf", case)
+    engine = build_engine(model.path, layout, n_slots=2, max_context=128)
+    assert engine.params.layers.bq is None or engine.params.layers.bq.dtype == np.float32
+    ids = random_ids(model, 40, seed=9)
+    ours = engine.prefill(0, ids, 0, all_logits=True)
+    ref = reference(model, case, ids)
+    spread = float(np.std(ref))
+    err = np.abs(ours - ref)
+    assert float(np.max(err)) < 0.3 * spread, (float(np.max(err)), spread)
+    assert float(np.mean(err)) < 0.05 * spread, (float(np.mean(err)), spread)
+    assert float(np.mean(np.argmax(ours, -1) == np.argmax(ref, -1))) >= 0.9
+    step = engine.decode_step([0], [3], [len(ids)])[0]  # one decode step, the kernel's path
+    ref_step = reference(model, case, [*ids, 3])[-1]
+    assert float(np.max(np.abs(step - ref_step))) < 0.3 * spread
+
+
+# ================================================================ files and errors
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    path = tg.write_tiny_llama(tmp_path / "phi.gguf", arch="gptneox").path
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        ModelConfig.from_gguf(open_gguf(path))
+    message = str(err.value)
+    assert "'gptneox'" in message
+    for arch in ("llama", "mistral", "qwen2", "qwen3"):
+        assert arch in message
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path: Path) -> None:
+    path = tg.write_tiny_arch(tmp_path / "yarn.gguf", "qwen2",
+                              metadata={"rope.scaling.type": "yarn"}).path
+    with pytest.raises(UnsupportedArchitectureError, match=r"'yarn'.*llama3"):
+        ModelConfig.from_gguf(open_gguf(path))
+
+
+def test_a_missing_bias_is_named(tmp_path: Path) -> None:
+    tensors = tg.arch_tensors("qwen2", tg.HEAD_DIM, np.random.default_rng(0))
+    del tensors["blk.1.attn_v.bias"]
+    path = tg.write_tiny_llama(tmp_path / "nobias.gguf", arch="qwen2", replace=tensors).path
+    f = open_gguf(path)
+    with pytest.raises(MissingTensorError, match=r"blk\.1\.attn_v\.bias"):
+        check_tensors(f, ModelConfig.from_gguf(f))
+
+
+def test_llama3_factors_match_metas_formula() -> None:
+    ours = llama3_rope_factors(128, 500000.0, 8.0, low=1.0, high=4.0, original_context=8192)
+    ref = llama3_reference_factors(128, 500000.0, factor=8.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_context_length=8192)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert ours[0] == 1.0 and ours[-1] == 8.0 and 1.0 < ours[30] < 8.0  # all three bands
+
+
+@pytest.mark.parametrize(("pre", "expected"), [("default", ["a", "Ġ1"]),
+                                               ("llama-bpe", ["a", "Ġ", "1"]),
+                                               ("qwen2", ["a", "Ġ", "1"])])
+def test_pre_tokenizer_follows_the_file(pre: str, expected: list[str], tmp_path: Path) -> None:
+    """gpt2's regex keeps ' 1' whole (merged to 'Ġ1'); the Llama 3 and Qwen 2 regexes split
+    digits from the space before them."""
+    path = tg.write_tiny_llama(tmp_path / f"{pre}.gguf", pre=pre).path
+    tok = build_tokenizer(open_gguf(path))
+    assert tok.encode("a 1", add_special_tokens=False).tokens == expected
