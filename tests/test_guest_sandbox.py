@@ -117,7 +117,9 @@ def test_infinite_loop_traps_quickly_and_the_tenant_recovers(neighbour: None) ->
     start = time.perf_counter()
     with pytest.raises(GuestTrap, match=r"tenant 'spinner'.*without a host call") as info:
         tenant.run(request(), RecordingHost())
-    assert time.perf_counter() - start < 1.0
+    # The mechanism is the per-call fuel allowance (the match above: "without a host call");
+    # ~50 ms when quiet, 1.4 s seen under load on 2 cores, so the wall bound only guards a hang.
+    assert time.perf_counter() - start < 10.0
     assert info.value.details["tenant"] == "spinner"
     assert tenant.stats()["state"] == "trapped"
     assert tenant.run(request(max_tokens=0), RecordingHost()) == 0  # a fresh instance
@@ -129,7 +131,7 @@ def test_wall_clock_deadline_stops_a_guest_that_fuel_would_not(neighbour: None) 
     start = time.perf_counter()
     with pytest.raises(GuestTrap, match=r"tenant 'slow'.*0\.20 s without a host call"):
         tenant.run(request(), RecordingHost())
-    assert 0.15 < time.perf_counter() - start < 1.0
+    assert 0.15 < time.perf_counter() - start < 10.0  # the deadline, not fuel; above: a hang guard
 
 
 def test_memory_grow_bomb_is_refused_at_the_limit(neighbour: None) -> None:

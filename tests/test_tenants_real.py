@@ -290,7 +290,7 @@ def test_queue_waits_then_refuses(smollm2_path: Path) -> None:
     t0 = time.monotonic()
     with pytest.raises(QueueFullError, match="queue limit 1"):
         third.result(timeout=10)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 5.0  # refused, not queued (a queued request waits minutes)
     assert not first.done  # refusing the third cut nobody; the second still has no slot
     waited_s = time.monotonic() - t_second
 
