@@ -241,10 +241,11 @@ def served_models(base_url: str, key: str) -> list[str] | None:
 
 
 @contextlib.contextmanager
-def running_server(cmd: list[str], env: dict[str, str], log: Path, base_url: str,
-                   key: str) -> Iterator[list[str]]:
-    """Start `cmd`, wait until its /v1/models answers, yield the model ids it lists; stop it by
-    its PID on the way out, whatever happened in between (its output goes to `log`)."""
+def server_process(cmd: list[str], env: dict[str, str], log: Path, base_url: str,
+                   key: str) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
+    """Start `cmd`, wait until its /v1/models answers, yield the process and the model ids it
+    lists; stop it by its PID on the way out, whatever happened in between (its output goes to
+    `log`)."""
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
                                 stderr=subprocess.STDOUT, env=env)
@@ -256,9 +257,17 @@ def running_server(cmd: list[str], env: dict[str, str], log: Path, base_url: str
                 raise RuntimeError(f"{' '.join(cmd)}: no answer from {base_url}/models "
                                    f"(exit status {proc.poll()}); its output ends:\n{tail}")
             time.sleep(0.5)
-        yield ids
+        yield proc, ids
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], env: dict[str, str], log: Path, base_url: str,
+                   key: str) -> Iterator[list[str]]:
+    """`server_process`, yielding only the model ids the server lists."""
+    with server_process(cmd, env, log, base_url, key) as (_, ids):
+        yield ids
 
 
 def stream_once(client: Any, model: str, prompt: list[int], new: int) -> Stream:
