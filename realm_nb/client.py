@@ -25,10 +25,9 @@ from .errors import (
     RealmError,
     RequestNotFoundError,
     ServerConnectionError,
-    StreamBusyError,
     error_from_payload,
 )
-from .types import Generation, ModelInfo, SamplingParams
+from .types import Generation, ModelInfo, OneReader, SamplingParams
 
 
 def _model_info(d: dict[str, Any]) -> ModelInfo:
@@ -140,8 +139,7 @@ class HttpStream:
         self.error: RealmError | None = None
         self._events: queue.Queue[str | dict[str, Any] | object] = queue.Queue()
         self._done = False
-        self._consumer: threading.Thread | None = None  # the thread iterating, one at a time
-        self._consumer_lock = threading.Lock()
+        self._one_reader = OneReader()  # the thread iterating, one at a time
         client = backend.client
         try:
             request = client.build_request("POST", "/v1/realm/generate",
@@ -232,20 +230,8 @@ class HttpStream:
 
     # ------------------------------------------------------------------ consumer side
 
-    def _claim(self) -> None:
-        """Make this thread the stream's consumer: two would split the text between them."""
-        me = threading.current_thread()
-        with self._consumer_lock:
-            other = self._consumer
-            if other is not None and other is not me and other.is_alive():
-                raise StreamBusyError(
-                    f"request {self.request_id}: thread {me.name!r} iterates this stream while "
-                    f"thread {other.name!r} reads it; read a stream from one thread (other "
-                    "threads can wait with result())", request_id=self.request_id)
-            self._consumer = me
-
     def __iter__(self) -> Iterator[str]:
-        self._claim()
+        self._one_reader.claim(self.request_id)
         try:
             while True:
                 try:
@@ -267,9 +253,7 @@ class HttpStream:
                 raise self.error from None
             return
         finally:
-            with self._consumer_lock:
-                if self._consumer is threading.current_thread():
-                    self._consumer = None
+            self._one_reader.release()
         if self.error is not None:
             raise self.error
 

@@ -25,14 +25,13 @@ from .errors import (
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
-    StreamBusyError,
 )
 from .host import RequestHost
 from .scheduler import Scheduler
 from .store import LayerStore, ModelEntry
 from .tenants import Cancelled, Tenant
 from .tokenizer import validate_messages
-from .types import FinishReason, Generation, ModelInfo, SamplingParams
+from .types import FinishReason, Generation, ModelInfo, OneReader, SamplingParams
 
 MAX_GUESTS_PER_TENANT = 32  # concurrent requests of one tenant, each in its own guest instance
 _POLL_S = 0.05  # consumers wait in slices of this, so Ctrl-C is seen while they wait
@@ -88,8 +87,7 @@ class GenerationStream:
         self.cancel_event = threading.Event()
         self._queue: queue.Queue[str | _Done | _Progress] = queue.Queue()
         self._finished = threading.Event()
-        self._reader: threading.Thread | None = None  # the thread iterating, one at a time
-        self._reader_lock = threading.Lock()
+        self._one_reader = OneReader()  # the thread iterating, one at a time
 
     # producer side
     def _put(self, piece: str) -> None:
@@ -111,21 +109,8 @@ class GenerationStream:
     def cancel(self) -> None:
         self.cancel_event.set()
 
-    def _claim(self) -> None:
-        """Make this thread the stream's reader. Two threads taking pieces from one queue would
-        split the text between them, and one of them would wait for ever for the end."""
-        me = threading.current_thread()
-        with self._reader_lock:
-            other = self._reader
-            if other is not None and other is not me and other.is_alive():
-                raise StreamBusyError(
-                    f"request {self.request_id}: thread {me.name!r} iterates this stream while "
-                    f"thread {other.name!r} reads it; read a stream from one thread (other "
-                    "threads can wait with result())", request_id=self.request_id)
-            self._reader = me
-
     def __iter__(self) -> Iterator[str]:
-        self._claim()
+        self._one_reader.claim(self.request_id)
         try:
             while True:
                 try:
@@ -153,9 +138,7 @@ class GenerationStream:
             if not isinstance(self.error, Cancelled) and self.error is not None:
                 raise self.error from None
         finally:
-            with self._reader_lock:
-                if self._reader is threading.current_thread():
-                    self._reader = None
+            self._one_reader.release()
 
     def close(self) -> None:
         self.cancel()

@@ -7,10 +7,11 @@ the CLI and the notebook faces, so that both modes return the very same types.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, StreamBusyError
 
 FinishReason = Literal["stop", "length", "cancelled"]
 # Stop strings are searched for after every token: their number and length bound that cost.
@@ -202,3 +203,30 @@ class ModelInfo:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
         return d
+
+
+class OneReader:
+    """The thread iterating a stream, one at a time: two threads taking pieces from one stream
+    would split its text between them, and one would wait for ever for the end. Used by the
+    local stream (kernel.py) and the server-mode stream (client.py)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def claim(self, request_id: str | None) -> None:
+        """Make this thread the reader; StreamBusyError while another live thread is."""
+        me = threading.current_thread()
+        with self._lock:
+            other = self._thread
+            if other is not None and other is not me and other.is_alive():
+                raise StreamBusyError(
+                    f"request {request_id}: thread {me.name!r} iterates this stream while "
+                    f"thread {other.name!r} reads it; read a stream from one thread (other "
+                    "threads can wait with result())", request_id=request_id)
+            self._thread = me
+
+    def release(self) -> None:
+        with self._lock:
+            if self._thread is threading.current_thread():
+                self._thread = None
