@@ -137,9 +137,10 @@ def kernel_usable() -> bool:
 
 # A prompt chunk of at least this many tokens per row is compute-bound: there XLA's f32 GEMM over
 # the blocks dequantized in the graph beats the kernel's int8 dots (two planes) on this AVX2 CPU,
-# measured over SmolLM2's 30 layers (benchmarks/bench_kernels.py, 2 cores): 128 rows 0.56 s
-# against ~1.4 s, 16 rows 0.22 s against 0.18 s. Decode (one token per row, any batch) always
-# takes the kernel, so a decoding row's result never depends on its batch.
+# as timed once on SmolLM2-shaped layers (an ad-hoc timing, on a busy machine: 128 rows 0.56 s
+# against ~1.4 s; 16 rows 0.22 s against 0.18 s; benchmarks/bench_vs_llamacpp.py's prefill row is
+# the figure to quote). Decode (one token per row, any batch) always takes the kernel, so a
+# decoding row's result never depends on its batch.
 F32_PREFILL_MIN_TOKENS = 32
 
 
