@@ -60,5 +60,5 @@ realm_use_env() {
 
 realm_node_ok() {  # Node >= 18 and npm, what js/ needs
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 &&
-    node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)'
+    node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 2>/dev/null
 }
