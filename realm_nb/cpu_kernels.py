@@ -1,11 +1,14 @@
-"""Quantized matmul over raw GGUF blocks on the CPU, as an XLA FFI custom call.
+"""Quantized matmul over GGUF blocks on the CPU, as an XLA FFI custom call.
 
 XLA cannot read 4-bit blocks at memory bandwidth on this CPU (FACTS.md: 17-36 ms for the 30
 layers' matmuls in block formats against 5.5 ms for int8), so `csrc/realm_kernels.cc` does what
-llama.cpp does: it rounds the activations to int8 per 32-block inside the kernel and runs an
-integer dot against each Q4_0 / Q4_1 / Q8_0 weight block (AVX-512 VNNI, AVX2 or scalar, picked at
-run time). `quant_matmul` calls it from jitted code; `weights.PackedMatrix` is the layout that
-uses it.
+llama.cpp does: it rounds the activations per 32-block inside the kernel (to 16 bits held as two
+int8 planes, or llama.cpp's 8) and runs integer dots against each Q4_0 / Q4_1 / Q8_0 weight block
+(AVX-512 VNNI, AVX2 or scalar, picked at run time). The weights are the file's blocks reordered
+once at load into tiles of 16 output rows (`interleave`; the layout is described in the C
+source), so one vector instruction multiplies 4 inputs of 16 rows and no row needs a horizontal
+sum. `quant_matmul` calls the kernel from jitted code; `deinterleave` gives the GGUF rows back
+(for the XLA fallback and embedding lookups); `weights.PackedMatrix` is the layout that uses it.
 
 The library ships built as `realm_nb/_kernels/librealm_kernels.so` (generic x86-64 Linux, glibc
 2.28), compiled with the pinned Zig from the `ziglang` wheel (the `build` extra), reproducibly:
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +87,8 @@ def build_command(source_name: str, out_name: str, *, target: str | None = ZIG_T
             "not installed; pip install 'realm-nb[build]'")
     machine = ["-target", target, "-mcpu=x86_64"] if target else ["-mcpu=baseline"]
     return [sys.executable, "-m", "ziglang", "c++", "-shared", "-fPIC", "-O3", "-g0", "-s",
-            "-std=c++17", *machine, f"-I{jax.ffi.include_dir()}", "-o", out_name, source_name]
+            "-std=c++17", "-ffp-contract=off", *machine, f"-I{jax.ffi.include_dir()}",
+            "-o", out_name, source_name]
 
 
 def build_kernels(out: Path | None = None, source: Path | None = None, *,
@@ -166,23 +171,85 @@ def isa() -> str:
     return ISA_NAMES[_library().realm_kernels_isa()]
 
 
+# ================================================================ the tiled layout
+
+GROUP = 16  # output rows per tile
+BLOCK = 32  # elements per GGUF block
+SCALES_AT = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q8_0: (0,)}  # f16 fields in a GGUF block
+VECTORS = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q8_0: 8}  # 64-byte quant vectors per tile
+
+
+def tile_size(qtype: QT) -> int:
+    """Bytes of one tile: 16 GGUF blocks."""
+    return GROUP * GGML_QUANT_SIZES[qtype][1]
+
+
+def tiled_shape(qtype: QT, n_rows: int, n_cols: int) -> tuple[int, int]:
+    """Shape of the tiled array for an [n_rows, n_cols] matrix: [ceil(O/16), nb * tile bytes]."""
+    return -(-n_rows // GROUP), n_cols // BLOCK * tile_size(qtype)
+
+
+def interleave(raw: np.ndarray, qtype: QT) -> np.ndarray:
+    """GGUF rows uint8 [..., O, row_bytes] → tiles uint8 [..., ceil(O/16), nb * tile bytes].
+
+    Tile (g, b): the f16 fields of block b of rows 16g..16g+15 (d, then Q4_1's m: 16 each), then
+    the quants so that 64-byte vector v holds bytes 4v..4v+3 of each row's quants, row after row
+    (see csrc/realm_kernels.cc). Rows past O are zero blocks (scale 0). A permutation of bytes.
+    """
+    if qtype not in KERNEL_TYPES:
+        raise ShapeMismatchError(f"interleave reads {'/'.join(t.name for t in KERNEL_TYPES)}, "
+                                 f"not {getattr(qtype, 'name', qtype)}",
+                                 qtype=getattr(qtype, "name", str(qtype)))
+    ts = GGML_QUANT_SIZES[qtype][1]
+    *lead, n_rows, row_bytes = raw.shape
+    nb = row_bytes // ts
+    groups = -(-n_rows // GROUP)
+    padded = np.zeros((*lead, groups * GROUP, row_bytes), np.uint8)
+    padded[..., :n_rows, :] = raw
+    blocks = padded.reshape(*lead, groups, GROUP, nb, ts)
+    blocks = np.moveaxis(blocks, -3, -2)  # [..., G, nb, 16 rows, ts]
+    fields = [blocks[..., at : at + 2].reshape(*lead, groups, nb, 2 * GROUP)
+              for at in SCALES_AT[qtype]]
+    qs_at = 2 * len(SCALES_AT[qtype])
+    qs = blocks[..., qs_at:].reshape(*lead, groups, nb, GROUP, VECTORS[qtype], 4)
+    qs = np.moveaxis(qs, -3, -2).reshape(*lead, groups, nb, -1)  # [..., G, nb, v, 16 rows, 4]
+    tiles = np.concatenate([*fields, qs], axis=-1)
+    return np.ascontiguousarray(tiles.reshape(*lead, groups, nb * tile_size(qtype)))
+
+
+def deinterleave(tiles: jax.Array, qtype: QT, n_rows: int, n_cols: int) -> jax.Array:
+    """`interleave`'s inverse in JAX (usable in jit): uint8 [..., O, row_bytes] GGUF rows."""
+    ts = GGML_QUANT_SIZES[qtype][1]
+    *lead, groups, _ = tiles.shape
+    nb = n_cols // BLOCK
+    t = tiles.reshape(*lead, groups, nb, GROUP * ts)
+    n_f = len(SCALES_AT[qtype])
+    fields = [t[..., 2 * GROUP * i : 2 * GROUP * (i + 1)].reshape(*lead, groups, nb, GROUP, 2)
+              for i in range(n_f)]
+    qs = t[..., 2 * GROUP * n_f :].reshape(*lead, groups, nb, VECTORS[qtype], GROUP, 4)
+    qs = jnp.swapaxes(qs, -3, -2).reshape(*lead, groups, nb, GROUP, -1)  # [..., G, nb, 16, q]
+    blocks = jnp.concatenate([*fields, qs], axis=-1)  # [..., G, nb, 16, ts]
+    rows = jnp.swapaxes(blocks, -3, -2).reshape(*lead, groups * GROUP, nb * ts)
+    return rows[..., :n_rows, :]
+
+
 # ================================================================ the call
 
 
-def _check_operands(x: jax.Array, raw: jax.Array, qtype: QT, n_cols: int,
+def _check_operands(x: jax.Array, tiles: jax.Array, qtype: QT, n_rows: int, n_cols: int,
                     act_planes: int) -> None:
-    row_bytes = None
-    if qtype in KERNEL_TYPES and n_cols % 32 == 0:
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        row_bytes = n_cols // block * type_size
-    if (row_bytes is None or raw.ndim != 2 or raw.shape[1] != row_bytes
+    shape = None
+    if qtype in KERNEL_TYPES and n_cols % BLOCK == 0:
+        shape = tiled_shape(qtype, n_rows, n_cols)
+    if (shape is None or tiles.ndim not in (2, 3) or tuple(tiles.shape[-2:]) != shape
             or x.shape[-1] != n_cols or act_planes not in (1, 2)):
         raise ShapeMismatchError(
-            f"quant_matmul needs x [..., {n_cols}] and raw uint8 [O, row_bytes] of "
-            f"{'/'.join(t.name for t in KERNEL_TYPES)}, act_planes 1 or 2; got x "
-            f"{list(x.shape)}, raw {list(raw.shape)} of {getattr(qtype, 'name', qtype)}, "
+            f"quant_matmul needs x [..., {n_cols}] and tiles uint8 [L?, "
+            f"{', '.join(map(str, shape or ['?']))}] (cpu_kernels.interleave of {n_rows} rows) "
+            f"of {'/'.join(t.name for t in KERNEL_TYPES)}, act_planes 1 or 2; got x "
+            f"{list(x.shape)}, tiles {list(tiles.shape)} of {getattr(qtype, 'name', qtype)}, "
             f"act_planes {act_planes}",
-            shape=list(raw.shape), qtype=getattr(qtype, "name", str(qtype)))
+            shape=list(tiles.shape), qtype=getattr(qtype, "name", str(qtype)))
 
 
 def _library() -> ctypes.CDLL:
@@ -192,51 +259,60 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def quant_matmul(x: jax.Array, raw: jax.Array, qtype: QT, n_cols: int, act_planes: int = 1
-                 ) -> jax.Array:
-    """y[..., o] = sum_i x[..., i] W[o, i], W given as its GGUF blocks; usable inside jit and scan.
+def quant_matmul(x: jax.Array, tiles: jax.Array, qtype: QT, n_rows: int, n_cols: int,
+                 act_planes: int = 1, layer: jax.Array | int | None = None) -> jax.Array:
+    """y[..., o] = sum_i x[..., i] W[o, i], W given as its tiled GGUF blocks; usable inside jit
+    and scan.
 
-    The kernel rounds x to int8 per 32-block (one f32 scale each) as llama.cpp does, so results
-    differ from an f32 matmul by that rounding; with act_planes=2 it also rounds the residual
-    (x ≈ dx*q + dx2*q2), for ~14-bit activations at twice the integer work and the same weight
-    reads. Each row of x is computed independently of the others.
+    The kernel rounds x per 32-block as llama.cpp does, to int8 (act_planes=1) or to 16 bits held
+    as two int8 planes (act_planes=2: x ~ dx/256 * (256*q1 + q2), twice the integer work for the
+    same weight reads), so results differ from an f32 matmul by that rounding. Each row of x is
+    computed independently of the others.
 
     Args:
       x: f32 [..., I], I = n_cols.
-      raw: uint8 [O, row_bytes], rows of qtype blocks (one of KERNEL_TYPES).
-      qtype, n_cols, act_planes: static.
+      tiles: uint8 [ceil(O/16), nb * tile bytes], `interleave` of the O = n_rows GGUF rows of
+        qtype (one of KERNEL_TYPES); or [L, ...] of L layers with `layer` the one to use, read
+        in place (inside `lax.scan`, a slice tiles[l] would be a copy of the layer).
+      qtype, n_rows, n_cols, act_planes: static.
+      layer: int32 scalar (traced or not), for stacked tiles.
     Returns:
       f32 [..., O].
     """
-    _library()
-    _check_operands(x, raw, qtype, n_cols, act_planes)
-    lead, n_out = x.shape[:-1], raw.shape[0]
-    rows = x.reshape(-1, n_cols).astype(jnp.float32)
-    out_type = jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32)
-    y = jax.ffi.ffi_call(FFI_TARGET, out_type)(rows, raw, qtype=np.int32(int(qtype)),
-                                               act_planes=np.int32(act_planes))
-    return y.reshape(*lead, n_out)
+    return quant_matmul_many(x, (tiles,), (qtype,), (n_rows,), n_cols, act_planes, layer)[0]
 
 
-def quant_matmul_many(x: jax.Array, raws: tuple[jax.Array, ...], qtypes: tuple[QT, ...],
-                      n_cols: int, act_planes: int = 1) -> tuple[jax.Array, ...]:
-    """`quant_matmul` of one x against several matrices in one kernel call: x is rounded once
-    and one parallel split covers all outputs. Each result equals `quant_matmul`'s exactly (the
-    same per-row instruction sequence)."""
+def quant_matmul_many(x: jax.Array, tiles: tuple[jax.Array, ...], qtypes: tuple[QT, ...],
+                      n_rows: tuple[int, ...], n_cols: int, act_planes: int = 1,
+                      layer: jax.Array | int | None = None) -> tuple[jax.Array, ...]:
+    """`quant_matmul` of one x against several matrices (all stacked or none) in one kernel
+    call: x is rounded once and one parallel split covers all outputs. Each result equals
+    `quant_matmul`'s exactly (the same per-row instruction sequence)."""
     _library()
-    if len(raws) != len(qtypes) or not raws:
-        raise ShapeMismatchError(f"quant_matmul_many needs one qtype per matrix; got "
-                                 f"{len(raws)} matrices and {len(qtypes)} qtypes")
-    for raw, qtype in zip(raws, qtypes, strict=True):
-        _check_operands(x, raw, qtype, n_cols, act_planes)
+    if len(tiles) != len(qtypes) or len(tiles) != len(n_rows) or not tiles:
+        raise ShapeMismatchError(f"quant_matmul_many needs one qtype and row count per matrix; "
+                                 f"got {len(tiles)} matrices, {len(qtypes)} qtypes and "
+                                 f"{len(n_rows)} row counts")
+    for t, qtype, o in zip(tiles, qtypes, n_rows, strict=True):
+        _check_operands(x, t, qtype, o, n_cols, act_planes)
+    stacked = {t.ndim == 3 for t in tiles}
+    if stacked != {layer is not None}:
+        raise ShapeMismatchError("quant_matmul: stacked tiles [L, G, bytes] need a layer index, "
+                                 "and a layer index needs stacked tiles; got tiles of "
+                                 f"{sorted(t.ndim for t in tiles)} dimensions, layer {layer!r}")
+    if layer is None:
+        tiles, layer = tuple(t[None] for t in tiles), 0
+    layer_arg = jnp.asarray(layer, jnp.int32).reshape(())
     lead = x.shape[:-1]
     rows = x.reshape(-1, n_cols).astype(jnp.float32)
-    out_types = [jax.ShapeDtypeStruct((rows.shape[0], raw.shape[0]), jnp.float32)
-                 for raw in raws]
-    ys = jax.ffi.ffi_call(FFI_TARGET_MANY, out_types)(
-        rows, *raws, qtypes=np.asarray([int(q) for q in qtypes], np.int32),
-        act_planes=np.int32(act_planes))
-    return tuple(y.reshape(*lead, raw.shape[0]) for y, raw in zip(ys, raws, strict=True))
+    out_types = [jax.ShapeDtypeStruct((rows.shape[0], o), jnp.float32) for o in n_rows]
+    target = FFI_TARGET if len(tiles) == 1 else FFI_TARGET_MANY
+    attrs: dict[str, Any] = (
+        {"qtype": np.int32(int(qtypes[0]))} if len(tiles) == 1
+        else {"qtypes": np.asarray([int(q) for q in qtypes], np.int32)})
+    ys = jax.ffi.ffi_call(target, out_types)(rows, layer_arg, *tiles, **attrs,
+                                             act_planes=np.int32(act_planes))
+    return tuple(y.reshape(*lead, o) for y, o in zip(ys, n_rows, strict=True))
 
 
 # ================================================================ CLI

@@ -1,16 +1,17 @@
 """realm_nb.cpu_kernels: the FFI quantized matmul against a numpy reference, its batch invariance,
-its use inside jit and scan, the XLA fallback, the `packed` layout on a tiny model, and the
-reproducible build.
+its use inside jit and scan (stacked layers read in place), the tiled layout, the XLA fallback,
+the `packed` layout on a tiny model, and the reproducible build.
 
 Reference: weights as `gguf.quants.dequantize` expands them; activations rounded per 32-block the
-llama.cpp way (dx = amax/127 in f32, q = round-half-even(x * (1/dx)) in f32); the product summed
-in float64. The kernel computes the same sum with each block's dot exact in int32, so it differs
-from the reference only by f32 rounding: one rounding for dw*dx, one per fused multiply-add of
-a block into a lane (nb/2 or nb per lane; Q4_1 forms each block's term with a multiply and an FMA
-before adding it, three roundings per block), the lane reduction (4 levels), and for Q4_1 the
-rounding of dx*sum(q) and of gguf's own d*q + m. Each of those is at most u = 2^-24 relative to
-the magnitude of the terms, sum_i (|d q_i| + |m|) |xq_i| <= sum_i (|W_i| + 2|m|) |xq_i|, so the
-tolerance below is (3 nb / 2 + 8) * 2u times that magnitude: a bound, not a fitted constant.
+way the kernel documents it (dx = amax/127 in f32, t = x * (1/dx) in f32, q1 = round-half-even(t);
+with two planes Q = 256 q1 + clip(rint(256 t) - 256 q1, +-127) at scale dx/256); the product
+summed in float64. The kernel computes the same sum with each block's dot exact in int32, so it
+differs from the reference only by f32 rounding: per block, the int32 → f32 conversion and the
+product d*s (2u relative to the term), one rounding per fused multiply-add into the accumulator
+(nb, or 2 nb for Q4_1, each at most u of the magnitude of all terms), and for Q4_1 the rounding
+of s*sum(Q) and of gguf's own d*q + m. With u = 2^-24 and the magnitude
+sum_i (|d q_i| + |m|) |xq_i| <= sum_i (|W_i| + 2|m|) |xq_i|, the tolerance below is
+(2 nb + 6) u times that magnitude: a bound, not a fitted constant.
 """
 
 from __future__ import annotations
@@ -43,22 +44,21 @@ TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
 # ================================================================ numpy reference
 
 
-def round_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x f32 [N, I] → (dx * q as float64 [N, I], the residual x - dx * q in f32)."""
+def activations(x: np.ndarray, planes: int = 1) -> np.ndarray:
+    """The values the kernel multiplies, float64 [N, I]: s * Q per block (see module docstring)."""
     n, n_in = x.shape
     xb = x.reshape(n, n_in // 32, 32).astype(np.float32)
     dx = np.abs(xb).max(-1) / np.float32(127)
     inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx != 0)
-    q = np.rint(xb * inv[..., None]).astype(np.float32)
-    assert np.abs(q).max() <= 127
-    resid = xb - dx[..., None] * q
-    return (q * dx[..., None].astype(np.float64)).reshape(n, n_in), resid.reshape(n, n_in)
-
-
-def quantize_acts(x: np.ndarray, planes: int = 1) -> list[np.ndarray]:
-    """The values the kernel multiplies, one float64 [N, I] per activation plane."""
-    first, resid = round_blocks(x)
-    return [first] if planes == 1 else [first, round_blocks(resid)[0]]
+    t = (xb * inv[..., None]).astype(np.float32)
+    q1 = np.rint(t)
+    assert np.abs(q1).max() <= 127
+    if planes == 1:
+        q, s = q1, dx.astype(np.float64)
+    else:
+        q2 = np.clip(np.rint(t * np.float32(256)) - 256 * q1, -127, 127)
+        q, s = 256 * q1.astype(np.float64) + q2, dx.astype(np.float64) / 256
+    return (q * s[..., None]).reshape(n, n_in)
 
 
 def weight_magnitude(raw: np.ndarray, qtype: QT, w: np.ndarray) -> np.ndarray:
@@ -72,14 +72,13 @@ def weight_magnitude(raw: np.ndarray, qtype: QT, w: np.ndarray) -> np.ndarray:
 
 def reference(x: np.ndarray, raw: np.ndarray, qtype: QT, planes: int = 1
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(y float64 [N, O], tolerance [N, O]) for the kernel on x f32 [N, I] and GGUF rows raw.
-    With two planes each is bounded as above, plus one rounding for adding them (+1)."""
+    """(y float64 [N, O], tolerance [N, O]) for the kernel on x f32 [N, I] and GGUF rows raw."""
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)  # [O, I]
-    xqs = quantize_acts(x, planes)
+    xq = activations(x, planes)
     nb = x.shape[1] // 32
     mag = weight_magnitude(raw, qtype, w).T
-    tol = (3 * nb / 2 + 9) * 2 * U * sum(np.abs(xq) @ mag for xq in xqs)
-    return sum(xqs) @ w.T, tol
+    tol = (2 * nb + 6) * U * (np.abs(xq) @ mag)
+    return xq @ w.T, tol
 
 
 def random_case(qtype: QT, n: int, n_out: int, n_in: int, seed: int = 0
@@ -92,9 +91,12 @@ def random_case(qtype: QT, n: int, n_out: int, n_in: int, seed: int = 0
 
 
 def run(x: np.ndarray, raw: np.ndarray, qtype: QT, planes: int = 1) -> np.ndarray:
-    f = jax.jit(cpu_kernels.quant_matmul, static_argnames=("qtype", "n_cols", "act_planes"))
-    return np.asarray(f(jnp.asarray(x), jnp.asarray(raw), qtype=qtype, n_cols=x.shape[1],
-                        act_planes=planes))
+    """The kernel on GGUF rows raw [O, row_bytes], tiled as the `packed` layout loads them."""
+    f = jax.jit(cpu_kernels.quant_matmul,
+                static_argnames=("qtype", "n_rows", "n_cols", "act_planes"))
+    tiles = cpu_kernels.interleave(raw, qtype)
+    return np.asarray(f(jnp.asarray(x), jnp.asarray(tiles), qtype=qtype, n_rows=raw.shape[0],
+                        n_cols=x.shape[1], act_planes=planes))
 
 
 # ================================================================ the kernel
@@ -138,20 +140,22 @@ def test_a_row_does_not_depend_on_its_batch(qtype: QT, planes: int) -> None:
 
 
 def test_leading_dims_and_lax_scan_over_stacked_layers() -> None:
-    """[L, O, row_bytes] stacked weights walked by lax.scan, activations [B, T, I]."""
+    """[L, G, bytes] stacked tiles read in place at a scan counter, activations [B, T, I]."""
     rng = np.random.default_rng(5)
     n_in, n_layers = 64, 3
-    raws = np.stack([gguf.quants.quantize(rng.standard_normal((n_in, n_in)).astype(np.float32),
-                                          QT.Q4_1) for _ in range(n_layers)])
+    raws = [gguf.quants.quantize(rng.standard_normal((n_in, n_in)).astype(np.float32), QT.Q4_1)
+            for _ in range(n_layers)]
+    stacked = jnp.asarray(np.stack([cpu_kernels.interleave(r, QT.Q4_1) for r in raws]))
     x0 = rng.standard_normal((2, 3, n_in)).astype(np.float32)
 
     @jax.jit
-    def stack(x: jax.Array, raws: jax.Array) -> jax.Array:
-        def layer(h: jax.Array, raw: jax.Array) -> tuple[jax.Array, None]:
-            return jnp.maximum(cpu_kernels.quant_matmul(h, raw, QT.Q4_1, n_in), 0) / 8, None
-        return jax.lax.scan(layer, x, raws)[0]
+    def stack(x: jax.Array, tiles: jax.Array) -> jax.Array:
+        def layer(h: jax.Array, l: jax.Array) -> tuple[jax.Array, None]:
+            y = cpu_kernels.quant_matmul(h, tiles, QT.Q4_1, n_in, n_in, layer=l)
+            return jnp.maximum(y, 0) / 8, None
+        return jax.lax.scan(layer, x, jnp.arange(n_layers, dtype=jnp.int32))[0]
 
-    ours = np.asarray(stack(jnp.asarray(x0), jnp.asarray(raws)))
+    ours = np.asarray(stack(jnp.asarray(x0), stacked))
     h = x0.reshape(6, n_in)
     for raw in raws:  # the same layers one call at a time, outside scan
         h = np.maximum(run(h, raw, QT.Q4_1), 0) / 8  # exact in f32, like the jitted one
@@ -159,35 +163,79 @@ def test_leading_dims_and_lax_scan_over_stacked_layers() -> None:
     np.testing.assert_array_equal(ours.reshape(6, n_in), h)
 
 
+def test_a_layer_index_out_of_range_is_an_error_not_a_read() -> None:
+    raw = random_case(QT.Q8_0, 1, 16, 64)[1]
+    stacked = jnp.asarray(cpu_kernels.interleave(raw, QT.Q8_0)[None])  # one layer
+    f = jax.jit(lambda x, t, l: cpu_kernels.quant_matmul(x, t, QT.Q8_0, 16, 64, layer=l))
+    np.testing.assert_array_equal(np.asarray(f(jnp.ones((1, 64)), stacked, 0)),
+                                  run(np.ones((1, 64), np.float32), raw, QT.Q8_0))
+    with pytest.raises(Exception, match="layer index out of range"):
+        np.asarray(f(jnp.ones((1, 64)), stacked, 1))
+    with pytest.raises(ShapeMismatchError, match="layer index"):
+        cpu_kernels.quant_matmul(jnp.ones((1, 64)), stacked, QT.Q8_0, 16, 64)  # stacked, no index
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_tiles_are_a_permutation_of_the_gguf_bytes(qtype: QT) -> None:
+    """interleave / deinterleave round-trip exactly (odd O pads with zero rows), and an embedding
+    lookup through the tiles gives gguf's own dequantized rows."""
+    raw = random_case(qtype, 1, n_out=37, n_in=96, seed=7)[1]
+    tiles = cpu_kernels.interleave(raw, qtype)
+    assert tiles.shape == cpu_kernels.tiled_shape(qtype, 37, 96) == (3, 3 * 16 * raw.shape[1] // 3)
+    assert sorted(tiles[:, :].tobytes()) == sorted(
+        raw.tobytes() + bytes(tiles.size - raw.size))  # the same bytes, plus the padding
+    back = jax.jit(cpu_kernels.deinterleave, static_argnums=(1, 2, 3))(
+        jnp.asarray(tiles), qtype, 37, 96)
+    np.testing.assert_array_equal(np.asarray(back), raw)
+    w = PackedMatrix(jnp.asarray(tiles), qtype, 37, 96)
+    ids = jnp.asarray([[0, 36, 17], [16, 15, 3]])
+    np.testing.assert_array_equal(np.asarray(weights.embed_rows(w, ids)),
+                                  gguf.quants.dequantize(raw, qtype)[np.asarray(ids)])
+
+
 def test_rejects_a_type_the_kernel_does_not_read() -> None:
     raw = gguf.quants.quantize(np.ones((4, 32), np.float32), QT.Q5_0)
     with pytest.raises(cpu_kernels.ShapeMismatchError, match="Q5_0"):
-        cpu_kernels.quant_matmul(jnp.ones((1, 32)), jnp.asarray(raw), QT.Q5_0, 32)
+        cpu_kernels.quant_matmul(jnp.ones((1, 32)), jnp.asarray(raw), QT.Q5_0, 4, 32)
+    with pytest.raises(cpu_kernels.ShapeMismatchError, match="Q5_0"):
+        cpu_kernels.interleave(raw, QT.Q5_0)
 
 
 @pytest.mark.parametrize("path", ["scalar", "avx2"])
-def test_slower_paths_match_reference(path: str) -> None:
+def test_slower_paths_match_reference_and_equal_this_one(path: str, tmp_path: Path) -> None:
     """The paths this CPU would not pick by itself (the portable loop; AVX2 on an AVX-512 CPU),
-    forced with REALM_NB_KERNEL_ISA in a fresh process (the path is chosen once per process)."""
+    forced with REALM_NB_KERNEL_ISA in a fresh process (the path is chosen once per process):
+    each within the reference's bound, and bit-equal to the path this process runs (all paths
+    form each block's integer dot exactly and then run the same f32 operations in one order)."""
     if path == "avx2" and cpu_kernels.isa() == "scalar":
         pytest.skip("this CPU has no AVX2")
     script = (
+        "import sys\n"
         "import numpy as np\n"
         "import test_cpu_kernels as t\n"
         "from realm_nb import cpu_kernels\n"
         f"assert cpu_kernels.isa() == {path!r}, cpu_kernels.isa()\n"
+        "out = {}\n"
         "for qt in t.TYPES:\n"
         "    for planes in (1, 2):\n"
         "        x, raw = t.random_case(qt, 3, 37, 160)\n"
         "        ref, tol = t.reference(x, raw, qt, planes)\n"
-        "        assert np.all(np.abs(t.run(x, raw, qt, planes) - ref) <= tol), qt\n"
+        "        y = t.run(x, raw, qt, planes)\n"
+        "        assert np.all(np.abs(y - ref) <= tol), qt\n"
+        "        out[f'{qt.name}_{planes}'] = y\n"
+        "np.savez(sys.argv[1], **out)\n"
         "print('ok')\n")
     pythonpath = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "REALM_NB_KERNEL_ISA": path, "REALM_NB_XLA_CACHE": "0",
            "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, check=False, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "y.npz")], env=env,
+                          capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    theirs = np.load(tmp_path / "y.npz")
+    for qt in TYPES:
+        for planes in (1, 2):
+            x, raw = random_case(qt, 3, 37, 160)
+            np.testing.assert_array_equal(theirs[f"{qt.name}_{planes}"], run(x, raw, qt, planes))
 
 
 @pytest.mark.parametrize("planes", [1, 2])
@@ -200,8 +248,11 @@ def test_one_call_for_several_matrices_equals_separate_calls(n: int, planes: int
     x = cases[0][0]
     raws = tuple(jnp.asarray(raw) for _, raw in cases)
     many = jax.jit(cpu_kernels.quant_matmul_many,
-                   static_argnames=("qtypes", "n_cols", "act_planes"))
-    ys = many(jnp.asarray(x), raws, qtypes=tuple(TYPES[i] for i in (1, 2, 0)), n_cols=96,
+                   static_argnames=("qtypes", "n_rows", "n_cols", "act_planes"))
+    qts = tuple(TYPES[i] for i in (1, 2, 0))
+    tiles = tuple(jnp.asarray(cpu_kernels.interleave(np.asarray(r), qt))
+                  for r, qt in zip(raws, qts, strict=True))
+    ys = many(jnp.asarray(x), tiles, qtypes=qts, n_rows=(70, 33, 260), n_cols=96,
               act_planes=planes)
     for (_, raw), qt, y in zip(cases, (QT.Q4_1, QT.Q8_0, QT.Q4_0), ys, strict=True):
         np.testing.assert_array_equal(np.asarray(y), run(x, raw, qt, planes))
@@ -211,11 +262,13 @@ def test_one_call_for_several_matrices_equals_separate_calls(n: int, planes: int
 
 def test_grouped_call_refuses_mismatched_operands() -> None:
     x = jnp.zeros((2, 64), jnp.float32)
-    raw = jnp.asarray(random_case(QT.Q8_0, 2, 8, 64)[1])
+    tiles = jnp.asarray(cpu_kernels.interleave(random_case(QT.Q8_0, 2, 8, 64)[1], QT.Q8_0))
     with pytest.raises(ShapeMismatchError):
-        cpu_kernels.quant_matmul_many(x, (raw,), (QT.Q8_0, QT.Q8_0), 64)
+        cpu_kernels.quant_matmul_many(x, (tiles,), (QT.Q8_0, QT.Q8_0), (8,), 64)
     with pytest.raises(ShapeMismatchError):
-        cpu_kernels.quant_matmul_many(x, (raw, raw[:, :10]), (QT.Q8_0, QT.Q8_0), 64)
+        cpu_kernels.quant_matmul_many(x, (tiles, tiles[:, :10]), (QT.Q8_0, QT.Q8_0), (8, 8), 64)
+    with pytest.raises(ShapeMismatchError):  # 40 rows do not fit one tile row of 16
+        cpu_kernels.quant_matmul(x, tiles, QT.Q8_0, 40, 64)
 
 
 # ================================================================ the packed layout
@@ -227,7 +280,7 @@ def test_fallback_equals_kernel_within_activation_rounding(
     """Without the kernel, `linear` dequantizes and uses XLA; the two differ by the kernel's
     rounding of x to int8 (at most dx/2 per element) plus the f32 bound above."""
     x, raw = random_case(qtype, 4, n_out=96, n_in=128, seed=6)
-    w = PackedMatrix(jnp.asarray(raw), qtype, 128)
+    w = PackedMatrix(jnp.asarray(cpu_kernels.interleave(raw, qtype)), qtype, 96, 128)
     kernel = np.asarray(jax.jit(lambda x, w: weights.linear(x, w))(jnp.asarray(x), w))
     monkeypatch.setattr(cpu_kernels, "_load", lambda: "turned off for this test")
     assert not weights.kernel_usable()
@@ -237,7 +290,7 @@ def test_fallback_equals_kernel_within_activation_rounding(
         atol=1e-5)
     wd = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     _, tol = reference(x, raw, qtype)
-    bound = np.abs(x - quantize_acts(x)[0]) @ np.abs(wd).T + tol + 1e-5 * (np.abs(x) @ np.abs(wd).T)
+    bound = np.abs(x - activations(x)) @ np.abs(wd).T + tol + 1e-5 * (np.abs(x) @ np.abs(wd).T)
     assert np.all(np.abs(kernel - fallback) <= bound)
     assert not np.array_equal(kernel, fallback)  # the kernel really ran the first time
 
