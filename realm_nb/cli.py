@@ -200,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys for `realm-nb serve --api-keys FILE`: add (stored hashed), list, hash."""
-    from .server_auth import HASH_PREFIX, add_key, hash_key, load_keys
+    from .server.auth import HASH_PREFIX, add_key, hash_key, load_keys
 
     if args.keys_command == "hash":
         print(hash_key(args.key))

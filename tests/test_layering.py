@@ -4,7 +4,9 @@ its layer may import (below it).
 The table is DESIGN.md's "Layers of the package" (../shared/DESIGN.md; the README's "How it is
 built" repeats it), written here as data, with the modules DESIGN.md does not name yet placed
 beside their kin. Imports are read with `ast`, so the test needs neither JAX nor wasmtime, and
-counts lazy imports inside functions too: a lazy import is still a dependency.
+counts lazy imports inside functions too: a lazy import is still a dependency. A subpackage
+(`server/`) is one room: its modules are named `server.app`, `server.auth`, ..., they take the
+subpackage's layer, and they may import one another.
 
 A break found when this test was written and not yet removed is listed in KNOWN_BREAKS with its
 reason; anything else that points up the table fails. Remove an entry when its break is gone (the
@@ -34,16 +36,23 @@ LAYERS: dict[str, set[str]] = {
     # DESIGN.md "runtime": registry and residency, the host ABI, tenants, batching, the facade.
     # catalogue: the model registry's names and `pull`; runtime: finding the runtime process;
     # jupyter_ext: the Jupyter Server extension that owns it; guest_build: builds the guest
-    # against the ABI (abi.py).
+    # against the ABI (abi.py); hub: pulling from the Hugging Face Hub; discovery: GGUFs
+    # already on disk (HF cache, Ollama, LM Studio, REALM_NB_MODELS_DIR), beside catalogue.
     "runtime": {"catalogue", "store", "abi", "host", "tenants", "scheduler", "kernel",
-                "runtime", "jupyter_ext", "guest_build"},
-    # DESIGN.md "faces": user-facing API. client: the SDK's server mode; server_*: the HTTP
-    # server's parts; cell_output: notebook output (next to magics); the package's __init__ and
-    # __main__ are entry points.
-    "faces": {"sdk", "client", "server", "server_auth", "server_metrics", "server_openai", "cli",
-              "magics", "cell_output", "widget", "__init__", "__main__"},
+                "runtime", "jupyter_ext", "guest_build", "hub", "discovery"},
+    # DESIGN.md "faces": user-facing API. client: the SDK's server mode; server: the HTTP
+    # server, a subpackage (app, routes, auth, metrics); cell_output: notebook output (next to
+    # magics); the package's __init__ and __main__ are entry points.
+    "faces": {"sdk", "client", "server", "cli", "magics", "cell_output", "widget", "__init__",
+              "__main__"},
 }
 LAYER_OF = {mod: name for name, mods in LAYERS.items() for mod in mods}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a module, `server.app` taking its subpackage's (`server`)."""
+    return LAYER_OF.get(module.split(".")[0])
+
 
 # DESIGN.md's "may import" column: besides its own layer, what each layer may import. Faces get
 # the runtime only ("A face never reaches into `model`"); `model` never knows wasmtime.
@@ -61,7 +70,7 @@ KNOWN_BREAKS: dict[tuple[str, str], str] = {
         "the CPU kernel build shares the guest build's zig pin (ZIG_VERSION) and its "
         "shipped-artifact check (check_shipped); both belong in a build-tools module below "
         "the model layer",
-    ("server_auth", "chat_template"):
+    ("server.auth", "chat_template"):
         "ServerLimits holds a TemplateBudget (the chat-template step/time/size budget) to hand "
         "to RealmKernel.render_chat; the budget type belongs with the other request limits in "
         "types.py (issue 12's one table of limits), and importing it through kernel.py would "
@@ -73,8 +82,7 @@ KNOWN_BREAKS: dict[tuple[str, str], str] = {
 
 # Faces talk to the RealmKernel facade (STYLE.md, "Absorb next"): attributes of the runtime's
 # internals they must not reach through, and the reaches that are known and not yet removed
-# (module -> attribute -> how many times). server.py is due to become a subpackage (issue 12),
-# which is where its reaches should go.
+# (face -> attribute -> how many times, over all the modules of a subpackage).
 INTERNALS = {"store", "engine", "codec"}
 FACES = LAYERS["faces"]
 KNOWN_REACHES: dict[str, dict[str, int]] = {
@@ -83,42 +91,69 @@ KNOWN_REACHES: dict[str, dict[str, int]] = {
 
 
 def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
+    """Every module of the package by dotted name below realm_nb: `kernel`, `server` (the
+    subpackage's __init__), `server.app`; the package's own __init__ stays `__init__`."""
+    found = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = list(p.relative_to(PACKAGE).with_suffix("").parts)
+        if len(parts) > 1 and parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = p
+    return found
 
 
-def _imports(source: str) -> set[str]:
-    """The realm_nb modules that `source` imports, at module level or inside functions."""
+def _imports(source: str, module: str = "") -> set[str]:
+    """The realm_nb modules that `source` (the module `module`, dotted as in `_modules`)
+    imports, at module level or inside functions: `x` or `sub.x`, relative imports resolved."""
+    package = module.split(".")[:-1]  # where `from .` starts (for server.app: server)
+    if module in _SUBPACKAGES:
+        package = [module]
     found: set[str] = set()
+
+    def add(base: list[str], names: list[str]) -> None:
+        if base and base[0] in _SUBPACKAGES and len(base) == 1:  # from .server import x
+            found.update(f"{base[0]}.{n}" if f"{base[0]}.{n}" in _MODULE_NAMES else base[0]
+                         for n in names)
+        elif base:
+            found.add(".".join(base[:2]) if base[0] in _SUBPACKAGES else base[0])
+        else:  # from . import x, y (at the package's top)
+            found.update(names)
+
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .x import y
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x, y
-                found.update(alias.name for alias in node.names)
-            elif node.level == 0 and node.module and node.module.split(".")[0] == "realm_nb":
-                parts = node.module.split(".")
-                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+            names = [alias.name for alias in node.names]
+            if node.level >= 1:
+                start = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                add(start + (node.module.split(".") if node.module else []), names)
+            elif node.module and node.module.split(".")[0] == "realm_nb":
+                add(node.module.split(".")[1:], names)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "realm_nb" and len(parts) > 1:
-                    found.add(parts[1])
+                    add(parts[1:], [])
     return found
 
 
-def _reaches(path: Path) -> dict[str, int]:
+_MODULE_NAMES = set(_modules())
+_SUBPACKAGES = {name.split(".")[0] for name in _MODULE_NAMES if "." in name}
+
+
+def _reaches(paths: list[Path]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Attribute) and node.attr in INTERNALS:
-            counts[node.attr] = counts.get(node.attr, 0) + 1
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in INTERNALS:
+                counts[node.attr] = counts.get(node.attr, 0) + 1
     return counts
 
 
 def test_every_module_has_a_layer() -> None:
-    unplaced = sorted(set(_modules()) - set(LAYER_OF))
+    tops = {name.split(".")[0] for name in _modules()}
+    unplaced = sorted(tops - set(LAYER_OF))
     assert not unplaced, (f"modules with no layer: {unplaced}; place each in LAYERS "
                           "(and in DESIGN.md's table)")
-    gone = sorted(set(LAYER_OF) - set(_modules()))
+    gone = sorted(set(LAYER_OF) - tops)
     assert not gone, f"LAYERS names modules that no longer exist: {gone}"
 
 
@@ -126,10 +161,10 @@ def test_imports_point_down_the_layer_table() -> None:
     modules = _modules()
     breaks: dict[tuple[str, str], str] = {}
     for name, path in modules.items():
-        for dep in _imports(path.read_text()):
-            if dep not in LAYER_OF or dep == name:
+        for dep in _imports(path.read_text(), name):
+            mine, theirs = layer_of(name), layer_of(dep)
+            if mine is None or theirs is None or dep == name:
                 continue
-            mine, theirs = LAYER_OF[name], LAYER_OF[dep]
             if theirs != mine and theirs not in MAY_IMPORT[mine]:
                 breaks[(name, dep)] = f"{name} ({mine}) imports {dep} ({theirs})"
     new = sorted(msg for key, msg in breaks.items() if key not in KNOWN_BREAKS)
@@ -140,16 +175,16 @@ def test_imports_point_down_the_layer_table() -> None:
 
 @pytest.mark.parametrize("face", sorted(FACES))
 def test_faces_do_not_reach_into_the_runtime(face: str) -> None:
-    path = _modules().get(face)
-    if path is None:
+    paths = [p for name, p in _modules().items() if name.split(".")[0] == face]
+    if not paths:
         pytest.skip(f"no module {face}")
-    got = _reaches(path)
+    got = _reaches(paths)
     allowed = KNOWN_REACHES.get(face, {})
     more = {attr: n for attr, n in got.items() if n > allowed.get(attr, 0)}
-    assert not more, (f"{face}.py reaches into the runtime through {more} (allowed {allowed}); "
+    assert not more, (f"{face} reaches into the runtime through {more} (allowed {allowed}); "
                       "give RealmKernel the verb it needs instead")
     fewer = {attr: n for attr, n in allowed.items() if got.get(attr, 0) < n}
-    assert not fewer, f"{face}.py reaches in less than KNOWN_REACHES says: lower it to {got}"
+    assert not fewer, f"{face} reaches in less than KNOWN_REACHES says: lower it to {got}"
 
 
 def test_the_reader_counts_every_kind_of_import() -> None:
@@ -157,3 +192,13 @@ def test_the_reader_counts_every_kind_of_import() -> None:
            "def f():\n    from realm_nb import engine\n    from . import weights, quants\n"
            "    from realm_nb.tenants import Tenant\n")
     assert _imports(src) == {"store", "kernel", "engine", "weights", "quants", "tenants"}
+
+
+def test_the_reader_resolves_imports_inside_a_subpackage() -> None:
+    src = ("from ..errors import RealmError\nfrom .auth import KeyConfig\nfrom . import metrics\n"
+           "from .. import catalogue\nfrom realm_nb.server import create_app\n"
+           "from realm_nb.server.bodies import model_entry\n")
+    assert _imports(src, "server.app") == {"errors", "server.auth", "server.metrics",
+                                           "catalogue", "server", "server.bodies"}
+    assert _imports("from .app import create_app\n", "server") == {"server.app"}
+    assert _imports("from .server import create_app\n", "cli") == {"server"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from realm_nb.server_openai import (
+from realm_nb.server.bodies import (
     chat_body,
     chat_chunk,
     completion_body,

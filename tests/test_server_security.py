@@ -20,7 +20,7 @@ from tiny_gguf import write_tiny_llama
 
 from realm_nb.kernel import RealmKernel
 from realm_nb.server import BackgroundServer, KeyConfig, ServerLimits, create_app, load_keys
-from realm_nb.server_auth import hash_key
+from realm_nb.server.auth import hash_key
 from realm_nb.types import Generation
 
 TINY = "tiny"

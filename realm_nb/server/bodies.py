@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import InvalidRequestError
-from .types import Generation, SamplingParams, TokenLogprob, WeightLayout
+from ..errors import InvalidRequestError
+from ..types import Generation, SamplingParams, TokenLogprob, WeightLayout
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

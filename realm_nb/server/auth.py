@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .chat_template import TemplateBudget
-from .errors import (
+from ..chat_template import TemplateBudget
+from ..errors import (
     AuthenticationError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -55,8 +55,8 @@ from .errors import (
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
-from .runtime import DEFAULT_TENANT, MAX_TENANT_CHARS
-from .server_metrics import ServerMetrics
+from ..runtime import DEFAULT_TENANT, MAX_TENANT_CHARS
+from .metrics import ServerMetrics
 
 TENANT_HEADER = b"x-realm-tenant"
 HASH_PREFIX = "sha256:"
