@@ -41,7 +41,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from .errors import RealmError, ShapeMismatchError
+from .errors import KernelBuildError, ShapeMismatchError
 from .guest_build import ZIG_VERSION
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -58,12 +58,6 @@ ISA_NAMES = ("scalar", "avx2", "avx512-vnni")  # realm_kernels_isa() → name
 
 # GGUF block formats the kernel reads: the rest are re-quantized to Q8_0 by the `packed` layout.
 KERNEL_TYPES: tuple[QT, ...] = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
-
-
-class KernelBuildError(RealmError):
-    """The CPU kernels could not be built (no Zig, no source, or the compiler failed)."""
-
-    code = "kernel_build_failed"
 
 
 # ================================================================ build

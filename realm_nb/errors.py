@@ -3,11 +3,17 @@
 Every error we raise derives from `RealmError` and says what was wrong, the bad value, and what
 to do. Each class carries the HTTP status and OpenAI-style `code` the server answers with, so a
 server-side error becomes the same class again in the SDK's server mode (see `error_from_payload`).
+
+Every class of the family is defined here, in this one module, so that `ERROR_CLASSES` (the
+registry by name that `error_from_payload` reads) holds them all in any process, including a
+client that never imports the runtime (a test checks that no module defines another).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 
 class RealmError(Exception):
@@ -15,6 +21,7 @@ class RealmError(Exception):
 
     status_code: int = 500
     code: str = "realm_error"
+    payload_fields: ClassVar[tuple[str, ...]] = ()  # details that travel in the error body too
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -29,6 +36,7 @@ class RealmError(Exception):
                 "type": type(self).__name__,
                 "code": self.code,
                 "param": self.details.get("param"),
+                **{name: self.details.get(name) for name in self.payload_fields},
             }
         }
 
@@ -159,6 +167,40 @@ class AbiVersionError(RealmError):
     code = "abi_version_mismatch"
 
 
+class Cancelled(RealmError):
+    """The request was cancelled (client gone, Stop pressed); the guest sees CANCELLED."""
+
+    status_code = 499
+    code = "cancelled"
+
+
+class GuestError(RealmError):
+    """The guest ended a request with an ABI error code that no host exception explains."""
+
+    status_code = 500
+    code = "guest_error"
+    payload_fields = ("abi_code",)
+
+    def __init__(self, message: str, abi_code: int | None, **details: Any) -> None:
+        super().__init__(message, abi_code=abi_code, **details)
+        self.abi_code = abi_code  # abi.ErrorCode; None when a server's body did not say
+
+
+# --- building the guest and the CPU kernels ------------------------------------------------------
+
+
+class GuestBuildError(RealmError):
+    """The guest could not be built (no Zig, no source, or the compiler failed)."""
+
+    code = "guest_build_failed"
+
+
+class KernelBuildError(RealmError):
+    """The CPU kernels could not be built (no Zig, no source, or the compiler failed)."""
+
+    code = "kernel_build_failed"
+
+
 # --- server mode ---------------------------------------------------------------------------------
 
 
@@ -191,22 +233,27 @@ class ServerConnectionError(RealmError):
     code = "server_unreachable"
 
 
-_BY_NAME: dict[str, type[RealmError]] = {}
+# --- the registry: server bodies → classes -------------------------------------------------------
 
 
-def _collect(cls: type[RealmError]) -> None:
-    _BY_NAME[cls.__name__] = cls
+def _family(cls: type[RealmError]) -> Iterator[type[RealmError]]:
+    yield cls
     for sub in cls.__subclasses__():
-        _collect(sub)
+        yield from _family(sub)
+
+
+# Every class above, by name (the `type` of an error body). Built once, here, after the last
+# class: a class defined in another module would be missing from it in a process that never
+# imported that module, which is why there is none.
+ERROR_CLASSES: Mapping[str, type[RealmError]] = MappingProxyType(
+    {cls.__name__: cls for cls in _family(RealmError)})
 
 
 def error_from_payload(payload: dict[str, Any], status_code: int) -> RealmError:
     """Rebuild the RealmError a server answered with (SDK server mode raises the same classes)."""
-    if not _BY_NAME:
-        _collect(RealmError)
     err = payload.get("error", payload) if isinstance(payload, dict) else {}
     message = str(err.get("message") or f"server answered HTTP {status_code}")
-    cls = _BY_NAME.get(str(err.get("type")))
+    cls = ERROR_CLASSES.get(str(err.get("type")))
     if cls is None:
         cls = {
             400: InvalidRequestError,
@@ -218,4 +265,5 @@ def error_from_payload(payload: dict[str, Any], status_code: int) -> RealmError:
             422: InvalidRequestError,
             429: RateLimitError,
         }.get(status_code, RealmError)
-    return cls(message, param=err.get("param"))
+    extra = {name: err.get(name) for name in cls.payload_fields}
+    return cls(message, param=err.get("param"), **extra)

@@ -17,19 +17,13 @@ import tempfile
 from pathlib import Path
 
 from . import abi
-from .errors import RealmError
+from .errors import GuestBuildError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 GUEST_SOURCE = REPO_DIR / "wasm" / "guest.zig"
 GUEST_ARTIFACT = PACKAGE_DIR / "realm_guest.wasm"
 ZIG_VERSION = "0.17.1"
-
-
-class GuestBuildError(RealmError):
-    """The guest could not be built (no Zig, no source, or the compiler failed)."""
-
-    code = "guest_build_failed"
 
 
 def zig_command() -> list[str]:

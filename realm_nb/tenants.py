@@ -50,7 +50,9 @@ from . import abi
 from .abi import ErrorCode
 from .errors import (
     AbiVersionError,
+    Cancelled,
     ContextLengthError,
+    GuestError,
     GuestTrap,
     MemoryBudgetError,
     ModelNotFoundError,
@@ -72,24 +74,6 @@ GUEST_S_PER_TOKEN = 0.25
 MAX_SIDE_CALLS = 10_000  # log and memory64_load_layer calls in one request
 MAX_LOGS_AFTER_END = 16  # log calls a guest may still make once the host ended the request
 REBUILD_HINT = "rebuild the guest with `realm-nb build-guest`"
-
-
-class Cancelled(RealmError):
-    """The request was cancelled (client gone, Stop pressed); the guest sees CANCELLED."""
-
-    status_code = 499
-    code = "cancelled"
-
-
-class GuestError(RealmError):
-    """The guest ended a request with an ABI error code that no host exception explains."""
-
-    status_code = 500
-    code = "guest_error"
-
-    def __init__(self, message: str, abi_code: int, **details: Any) -> None:
-        super().__init__(message, abi_code=abi_code, **details)
-        self.abi_code = abi_code
 
 
 class TenantHost(Protocol):
@@ -127,7 +111,7 @@ def error_code_for(exc: RealmError, default: ErrorCode = ErrorCode.HOST_ERROR) -
         return ErrorCode.UNKNOWN_MODEL
     if isinstance(exc, MemoryBudgetError):
         return ErrorCode.OUT_OF_MEMORY
-    if isinstance(exc, GuestError):
+    if isinstance(exc, GuestError) and exc.abi_code is not None:
         return exc.abi_code
     return default
 

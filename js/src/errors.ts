@@ -183,6 +183,36 @@ export class AbiVersionError extends RealmError {
   static override readonly code: string = "abi_version_mismatch";
 }
 
+/** The request was cancelled (client gone, Stop pressed) before or while it ran. */
+export class Cancelled extends RealmError {
+  static override readonly type: string = "Cancelled";
+  static override readonly status: number = 499;
+  static override readonly code: string = "cancelled";
+}
+
+/** The guest ended a request with an ABI error code that no host exception explains. */
+export class GuestError extends RealmError {
+  static override readonly type: string = "GuestError";
+  static override readonly status: number = 500;
+  static override readonly code: string = "guest_error";
+}
+
+// --- building the guest and the CPU kernels ------------------------------------------------------
+
+/** The guest could not be built (no Zig, no source, or the compiler failed). */
+export class GuestBuildError extends RealmError {
+  static override readonly type: string = "GuestBuildError";
+  static override readonly status: number = 500;
+  static override readonly code: string = "guest_build_failed";
+}
+
+/** The CPU kernels could not be built (no Zig, no source, or the compiler failed). */
+export class KernelBuildError extends RealmError {
+  static override readonly type: string = "KernelBuildError";
+  static override readonly status: number = 500;
+  static override readonly code: string = "kernel_build_failed";
+}
+
 // --- server mode ---------------------------------------------------------------------------------
 
 export class AuthenticationError extends RealmError {
@@ -226,8 +256,8 @@ export const ERROR_CLASSES: readonly (typeof RealmError)[] = [
   MissingTensorError, ShapeMismatchError, TokenizerError, ChatTemplateError,
   ChatTemplateBudgetError, ModelNotFoundError, PullError, InvalidRequestError, ContextLengthError,
   ModelInUseError, ModelNameTakenError, RequestTooLargeError, UnsupportedMediaTypeError,
-  QueueFullError, MemoryBudgetError, StreamBusyError, GuestTrap, AbiVersionError,
-  AuthenticationError, PermissionDeniedError, RateLimitError, RequestNotFoundError,
+  QueueFullError, MemoryBudgetError, StreamBusyError, GuestTrap, AbiVersionError, Cancelled,
+  GuestError, GuestBuildError, KernelBuildError, AuthenticationError, PermissionDeniedError, RateLimitError, RequestNotFoundError,
   ServerConnectionError,
 ];
 

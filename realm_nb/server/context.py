@@ -24,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import catalogue
 from ..errors import (
+    Cancelled,
     GGUFFormatError,
     InvalidRequestError,
     ModelNameTakenError,
@@ -187,8 +188,6 @@ class ServerContext:
                     weights: str | None = None) -> Pump:
         """Render and tokenize in a worker thread (cancellable: client gone, /v1/cancel), start
         the generation, and refuse it with a 503 if it finds the queue full."""
-        from ..tenants import Cancelled
-
         name = self.resolve_model(model, caller, weights)
         cancelled = threading.Event()
         kernel = self.kernel
