@@ -107,9 +107,6 @@ class HttpBackend:
     def cancel(self, tenant: str) -> int:
         return int(self.request("POST", "/v1/cancel")["cancelled"])
 
-    def running(self) -> list[dict[str, str]]:
-        return list(self.request("GET", "/v1/requests")["data"])
-
     def stats(self) -> dict[str, Any]:
         return dict(self.request("GET", "/v1/stats"))
 

@@ -35,6 +35,7 @@ from gguf import (
     GGMLQuantizationType,
     GGUFReader,
     GGUFValueType,
+    LlamaFileType,
 )
 
 from .errors import GGUFFormatError, MissingTensorError, ShapeMismatchError
@@ -59,6 +60,16 @@ _SCALAR_BYTES: dict[int, int] = {
     int(t): np.dtype(np_type).itemsize for t, np_type in GGUFReader.gguf_scalar_to_np.items()}
 _VALUE_TYPES = {int(t) for t in GGUFValueType}
 _QUANT_TYPES = {int(t) for t in GGML_QUANT_SIZES}
+
+
+def file_type_name(value: object) -> str:
+    """`general.file_type` as llama.cpp names it ("Q4_1", "Q4_K_M", "F32"), read from
+    `gguf.LlamaFileType`; a value it does not know, as the value itself."""
+    try:
+        member = LlamaFileType(int(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return str(value)
+    return member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 @dataclass(frozen=True)

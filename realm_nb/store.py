@@ -27,7 +27,7 @@ from . import catalogue
 from .config import ModelConfig
 from .engine import Engine
 from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
-from .gguf_io import GGUFFile, open_gguf
+from .gguf_io import GGUFFile, file_type_name, open_gguf
 from .kvcache import kv_dtype_for
 from .tokenizer import TextCodec, load_codec
 from .types import ModelInfo, check_layout
@@ -99,16 +99,10 @@ class ModelEntry:
 
     def info(self) -> ModelInfo:
         quant = self.file.metadata.get("general.file_type")
-        qname = _FILE_TYPES.get(int(quant), str(quant)) if quant is not None else None
+        qname = file_type_name(quant) if quant is not None else None
         return ModelInfo(id=self.id, name=self.name, path=str(self.path), arch=self.cfg.arch,
                          quant=qname, size_bytes=self.file.file_size, loaded=self.loaded,
                          weights=self.layout, aliases=self.aliases)
-
-
-# llama.cpp's general.file_type values, for listings.
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-               16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 
 def _return_freed_heap() -> None:

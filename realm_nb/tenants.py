@@ -421,10 +421,6 @@ class GuestModule:
         return cls(text, name=name)
 
     @classmethod
-    def from_bytes(cls, wasm: bytes, *, name: str = "guest") -> GuestModule:
-        return cls(wasm, name=name)
-
-    @classmethod
     @_once
     def default(cls) -> GuestModule:
         """The guest shipped with the package (realm_nb/realm_guest.wasm), compiled once."""

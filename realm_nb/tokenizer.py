@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gguf import TokenType
+
 from .chat_template import TemplateBudget, render_template, validate_messages
 from .errors import ChatTemplateError, TokenizerError
 from .gguf_io import GGUFFile
@@ -30,10 +32,6 @@ MAX_TOKENS = 1 << 24  # the host ABI's bound on vocab_size
 # characters sliced in all. Real vocabularies use ~2 checks per token and ~10M characters.
 SPM_CHECKS_PER_TOKEN = 64
 SPM_MAX_SPLIT_CHARS = 1 << 28
-
-# llama.cpp token types
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -201,9 +199,9 @@ def build_tokenizer(f: GGUFFile) -> Any:
                 f"{f.path.name}: tokenizer model {kind!r} is not supported; supported: gpt2, "
                 "llama", param="tokenizer.ggml.model")
         specials = [AddedToken(tokens[i], special=True, normalized=False)
-                    for i, t in enumerate(types) if t == _TOKEN_CONTROL]
+                    for i, t in enumerate(types) if t == TokenType.CONTROL]
         user = [AddedToken(tokens[i], special=False, normalized=False)
-                for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
+                for i, t in enumerate(types) if t == TokenType.USER_DEFINED]
         tok.add_special_tokens(specials)
         if user:
             tok.add_tokens(user)

@@ -20,7 +20,7 @@ Layouts (chosen per model at load time):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -406,7 +406,3 @@ def nbytes(tree: Any) -> int:
     embedding's own array, not a second copy."""
     unique = {id(x): x for x in jax.tree_util.tree_leaves(tree)}
     return sum(int(x.nbytes) for x in unique.values())
-
-
-def field_names() -> list[str]:
-    return [fl.name for fl in fields(LayerWeights)]

@@ -177,3 +177,11 @@ def test_shape_mismatch(tmp_path: Path) -> None:
                                match=rf"{path.name}.*'blk\.0\.attn_q\.weight'.*\[32, 64\]"
                                      r".*expected \[64, 64\]"):
         open_and_check(path)
+
+
+def test_file_type_names_come_from_gguf_py() -> None:
+    from realm_nb.gguf_io import file_type_name
+
+    assert [file_type_name(v) for v in (0, 1, 3, 7, 15, 32)] == \
+        ["F32", "F16", "Q4_1", "Q8_0", "Q4_K_M", "BF16"]
+    assert file_type_name(9999) == "9999"  # a value gguf-py does not know: shown as it is

@@ -54,7 +54,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
+# llama.cpp's token types, from gguf-py (typed int: the vocabularies below are list[int]).
+TOKEN_NORMAL: int = gguf.TokenType.NORMAL
+TOKEN_UNKNOWN: int = gguf.TokenType.UNKNOWN
+TOKEN_CONTROL: int = gguf.TokenType.CONTROL
+TOKEN_BYTE: int = gguf.TokenType.BYTE
 
 
 def layer_shapes(head_dim: int = HEAD_DIM) -> dict[str, tuple[int, int] | tuple[int]]:
