@@ -62,24 +62,30 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .catalogue import pull
+    from . import catalogue, hub
 
-    path = pull(args.name, force=args.force)
+    ref = hub.parse_ref(args.name)
+    path = (hub.pull(ref, force=args.force) if ref is not None
+            else catalogue.pull(args.name, force=args.force))
     print(path)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .types import size_text
+
     realm = _realm(args)
-    rows = [m.to_dict() for m in realm.models()]
+    models = realm.models()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([m.to_dict() for m in models], indent=2))
         return 0
-    print(f"{'name':24} {'loaded':6} {'arch':8} {'quant':8} {'size':>10}  path")
-    for m in rows:
-        size = f"{m['size_bytes'] / 2**20:.1f} MiB" if m["size_bytes"] else "-"
-        print(f"{m['name']:24} {'yes' if m['loaded'] else 'no':6} {m['arch'] or '-':8} "
-              f"{m['quant'] or '-':8} {size:>10}  {m['path'] or '(not pulled)'}")
+    width = max([24, *(len(m.name) for m in models)])
+    print(f"{'name':{width}} {'state':10} {'resident':>10} {'file':>10} {'quant':8} "
+          f"{'source':10}  path")
+    for m in models:
+        print(f"{m.name:{width}} {m.state:10} {size_text(m.resident_bytes):>10} "
+              f"{size_text(m.size_bytes):>10} {m.quant or '-':8} {m.source or '-':10}  "
+              f"{m.path or '(realm-nb pull ' + m.name + ')'}")
     return 0
 
 
@@ -244,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm-nb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="fetch a catalogue model into the cache")
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p = sub.add_parser("pull", help="fetch a catalogue model, or a GGUF from the Hugging Face "
+                                    "Hub (hf://OWNER/REPO/FILE.gguf, OWNER/REPO:QUANT)")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                   help="catalogue name, hf://OWNER/REPO/FILE.gguf, or OWNER/REPO:QUANT")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(fn=cmd_pull)
 
-    p = sub.add_parser("models", help="list catalogue and loaded models")
+    p = sub.add_parser("models", help="list catalogue, loaded and on-disk models (HF cache, "
+                                      "Ollama, LM Studio, REALM_NB_MODELS_DIR)")
     _add_target(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_models)

@@ -35,7 +35,8 @@ def _model_info(d: dict[str, Any]) -> ModelInfo:
     return ModelInfo(id=d.get("content_id") or d["id"], name=d["id"], path=d.get("path"),
                      arch=d.get("arch"), quant=d.get("quant"), size_bytes=d.get("size"),
                      loaded=bool(d.get("loaded")), weights=d.get("weights"),
-                     aliases=tuple(d.get("aliases") or ()))
+                     aliases=tuple(d.get("aliases") or ()),
+                     resident_bytes=int(d.get("resident_bytes") or 0), source=d.get("source"))
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -235,6 +235,7 @@ class RealmKernel:
         self._lock = threading.RLock()
         self.counters = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "cancelled": 0,
                          "errors": 0}
+        self.store.on_evict.append(self._drop_scheduler)
 
     @classmethod
     def shared(cls) -> RealmKernel:
@@ -323,6 +324,17 @@ class RealmKernel:
                                   tenant_slots=self.tenant_slots)
                 self._schedulers[entry.id] = sched
             return sched
+
+    def _drop_scheduler(self, entry: ModelEntry) -> None:
+        """An idle model was evicted: stop its scheduler, whose step thread still holds the old
+        engine (weights and KV cache) and would keep it in memory. A request that comes later
+        makes a new scheduler, which loads the model again."""
+        with self._lock:
+            if entry.in_use:  # a request began since the store chose it: it reloads the model
+                return
+            sched = self._schedulers.pop(entry.id, None)
+        if sched is not None:
+            _stop_and_join(sched)
 
     def tenant(self, tenant_id: str) -> _TenantRecord:
         if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:

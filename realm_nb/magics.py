@@ -37,7 +37,7 @@ from .errors import (
     RealmError,
     ServerConnectionError,
 )
-from .types import Generation, SamplingParams
+from .types import Generation, SamplingParams, size_text
 
 FORMATS = ("text", "markdown", "code")
 CELL_VERBS = ("generate", "chat")
@@ -95,7 +95,7 @@ def build_parser() -> _Parser:
     v = sub.add_parser("help", help="list the verbs, or show one verb's flags",
                        prog="%realm help")
     v.add_argument("topic", nargs="?", help="a verb")
-    sub.add_parser("list", help="models in the registry (catalogue and loaded)",
+    sub.add_parser("list", help="models: catalogue, loaded, found on disk; residency and size",
                    prog="%realm list")
     v = sub.add_parser("use", help="make NAME the default model", prog="%realm use")
     v.add_argument("name")
@@ -104,7 +104,8 @@ def build_parser() -> _Parser:
     v.add_argument("--name", help="name to register the model under")
     v = sub.add_parser("unload", help="drop a model's weights", prog="%realm unload")
     v.add_argument("name")
-    v = sub.add_parser("pull", help="fetch a catalogue model into the cache", prog="%realm pull")
+    v = sub.add_parser("pull", help="fetch a catalogue model, or hf://OWNER/REPO/FILE.gguf or "
+                       "OWNER/REPO:QUANT from the Hugging Face Hub", prog="%realm pull")
     v.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     v = sub.add_parser("connect", help="talk to a realm-nb server at URL", prog="%realm connect")
     v.add_argument("url")
@@ -306,12 +307,15 @@ class RealmMagics(Magics):
     def handle_list(self, args: argparse.Namespace) -> None:
         with _user_errors():
             models = self.client.models()
-        print(f"{'name':24} {'loaded':6} {'arch':8} {'quant':6} {'size':>10}  aliases")
+        width = max([23, *(len(m.name) for m in models)])
+        print(f" {'name':{width}} {'state':10} {'resident':>10} {'file':>10} {'quant':6} "
+              f"{'source':10}  aliases")
         for m in models:
-            size = f"{m.size_bytes / 2**20:.1f} MiB" if m.size_bytes else "-"
             mark = "*" if self.default_model in (m.name, *m.aliases) else " "
-            print(f"{mark}{m.name:23} {'yes' if m.loaded else 'no':6} {m.arch or '-':8} "
-                  f"{m.quant or '-':6} {size:>10}  {', '.join(m.aliases) or '-'}")
+            aliases = ", ".join(a for a in m.aliases if a != m.path) or "-"
+            print(f"{mark}{m.name:{width}} {m.state:10} {size_text(m.resident_bytes):>10} "
+                  f"{size_text(m.size_bytes):>10} {m.quant or '-':6} {m.source or '-':10}  "
+                  f"{aliases}")
 
     def handle_use(self, args: argparse.Namespace) -> None:
         with _user_errors():
@@ -336,10 +340,11 @@ class RealmMagics(Magics):
         print(f"unloaded {args.name}")
 
     def handle_pull(self, args: argparse.Namespace) -> None:
-        from .catalogue import pull
+        from . import catalogue, hub
 
         with _user_errors():
-            path = pull(args.name)
+            ref = hub.parse_ref(args.name)
+            path = hub.pull(ref) if ref is not None else catalogue.pull(args.name)
         print(path)
 
     def handle_connect(self, args: argparse.Namespace) -> None:

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import catalogue
+from . import catalogue, discovery
 from .config import ModelConfig
 from .engine import Engine
 from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
 from .gguf_io import GGUFFile, file_type_name, open_gguf
+from .hub import quant_of
 from .kvcache import kv_dtype_for
 from .tokenizer import TextCodec, load_codec
 from .types import ModelInfo, check_layout
@@ -47,11 +48,14 @@ ProgressFn = Callable[[int, int], None]  # (layers resident, layers in all)
 
 
 def content_id(path: Path) -> str:
-    """sha256 of the file, cached beside the model cache keyed by (path, size, mtime)."""
+    """sha256 of the file, cached beside the model cache keyed by (path, size, mtime); the
+    catalogue's or a content-addressed store's own hash where it names the file."""
     entry = next((e for e in catalogue.CATALOGUE
                   if catalogue.cached_path(e) == path and catalogue.is_pulled(e)), None)
     if entry is not None:
         return entry.sha256[:16]
+    if (known := discovery.known_sha256(path)) is not None:
+        return known[:16]
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     memo = catalogue.cache_dir() / "ids" / key
@@ -83,6 +87,7 @@ class ModelEntry:
     resident_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0
+    source: str = "loaded"
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -102,7 +107,8 @@ class ModelEntry:
         qname = file_type_name(quant) if quant is not None else None
         return ModelInfo(id=self.id, name=self.name, path=str(self.path), arch=self.cfg.arch,
                          quant=qname, size_bytes=self.file.file_size, loaded=self.loaded,
-                         weights=self.layout, aliases=self.aliases)
+                         weights=self.layout, aliases=self.aliases,
+                         resident_bytes=self.resident_bytes, source=self.source)
 
 
 def _return_freed_heap() -> None:
@@ -142,15 +148,19 @@ class LayerStore:
         self._models: dict[str, ModelEntry] = {}  # by id
         self._lock = threading.RLock()
         self.evictions = 0
+        # called with each model evicted to make room (the kernel stops its scheduler, whose
+        # step thread would otherwise keep the evicted engine's arrays alive)
+        self.on_evict: list[Callable[[ModelEntry], None]] = []
 
     # ------------------------------------------------------------------ registry
 
     def register(self, source: str | Path, name: str | None = None,
                  layout: str | None = None) -> ModelEntry:
-        """Open and validate a model (catalogue name or .gguf path); load no weights yet."""
+        """Open and validate a model (catalogue name, .gguf path, Hub reference or a name
+        discovery found on disk); load no weights yet."""
         layout = check_layout(layout or self.default_layout)
         src = str(source)
-        path = catalogue.resolve_model_path(src)
+        path = discovery.resolve(src)
         entry_cat = catalogue.find_entry(src) or next(
             (e for e in catalogue.CATALOGUE if catalogue.cached_path(e) == path), None)
         if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -171,13 +181,19 @@ class LayerStore:
         cfg = ModelConfig.from_gguf(f)
         check_tensors(f, cfg)
         codec = load_codec(f, catalogue.cache_dir())
-        default_name = entry_cat.name if entry_cat else path.stem
-        aliases = tuple(a for a in ((entry_cat.aliases if entry_cat else ()) +
-                                    ((str(path),) if entry_cat is None else ())) if a)
+        found = None if entry_cat else discovery.find(str(path))
+        default_name = entry_cat.name if entry_cat else found.name if found else path.stem
+        others = () if entry_cat else tuple(dict.fromkeys(
+            a for a in (src.strip(), str(path)) if a != default_name))
+        aliases = tuple(a for a in (entry_cat.aliases if entry_cat else ()) + others if a)
         key = mid if layout == self.default_layout else f"{mid}:{layout}"
         entry = ModelEntry(id=key, name=name or default_name, path=path, layout=layout, file=f,
                            cfg=cfg, codec=codec, aliases=aliases,
-                           layers=[None] * cfg.n_layers)
+                           layers=[None] * cfg.n_layers,
+                           source="catalogue" if entry_cat else found.source if found
+                           else "loaded")
+        if name and found is not None:
+            entry.aliases = (*entry.aliases, found.name)
         if name and entry_cat is not None:
             entry.aliases = (*entry.aliases, entry_cat.name)
         with self._lock:
@@ -212,8 +228,10 @@ class LayerStore:
             return list(self._models.values())
 
     def list(self) -> list[ModelInfo]:
-        """Registered models, then catalogue models not registered yet."""
+        """Registered models, then catalogue models not registered yet, then GGUF files found
+        on disk (discovery) that are not registered."""
         out = [m.info() for m in self.entries()]
+        paths = {m.path.resolve() for m in self.entries()}
         names = {i.name for i in out} | {a for i in out for a in i.aliases}
         ids = {i.id for i in out}  # a catalogue file registered by path is listed once
         for e in catalogue.CATALOGUE:
@@ -223,7 +241,15 @@ class LayerStore:
             out.append(ModelInfo(id=e.sha256[:16], name=e.name,
                                  path=str(path) if catalogue.is_pulled(e) else None, arch=None,
                                  quant=None, size_bytes=e.size_bytes, loaded=False,
-                                 aliases=e.aliases))
+                                 aliases=e.aliases, source="catalogue"))
+            paths.add(path.resolve())
+        for f in discovery.found_models():
+            if f.path.resolve() in paths or f.name in names:
+                continue
+            out.append(ModelInfo(
+                id=(f.sha256 or hashlib.sha256(str(f.path.resolve()).encode()).hexdigest())[:16],
+                name=f.name, path=str(f.path), arch=None, quant=quant_of(f.name),
+                size_bytes=f.size_bytes, loaded=False, source=f.source))
         return out
 
     # ------------------------------------------------------------------ residency
@@ -293,6 +319,8 @@ class LayerStore:
             entry.layers = [None] * entry.n_layers
             entry.resident_bytes = 0
             self.evictions += 1
+        for hook in self.on_evict:
+            hook(entry)
 
     def unload(self, key: str, layout: str | None = None) -> builtins.list[ModelEntry]:
         """Forget a model: every layout registered under that name, or only `layout`."""

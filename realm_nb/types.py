@@ -187,7 +187,12 @@ class Generation:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One model the registry knows: a catalogue name, a loaded file, or both."""
+    """One model the registry knows: a catalogue name, a loaded file, a file found on disk.
+
+    size_bytes is the file's size; resident_bytes what the store holds of it now (weights and
+    KV cache; 0 when not resident). source says where it came from: "catalogue", "loaded" (a
+    path given to load), or where discovery found it ("models-dir", "hf-cache", "ollama",
+    "lm-studio")."""
 
     id: str
     name: str
@@ -198,11 +203,25 @@ class ModelInfo:
     loaded: bool
     weights: str | None = None
     aliases: tuple[str, ...] = ()
+    resident_bytes: int = 0
+    source: str | None = None
+
+    @property
+    def state(self) -> str:
+        """"resident" (in the store now), "on disk" (a file, not resident) or "not pulled"."""
+        return "resident" if self.loaded else "on disk" if self.path else "not pulled"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
         return d
+
+
+def size_text(n: int | None) -> str:
+    """Bytes as listings show them: "91.2 MiB", "1.21 GiB", or "-" for none."""
+    if not n:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class OneReader:

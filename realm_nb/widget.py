@@ -22,7 +22,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, observe
 
 from .cell_output import UPDATE_INTERVAL_S
 from .errors import InvalidRequestError, RealmError
-from .types import Generation, SamplingParams
+from .types import Generation, SamplingParams, size_text
 
 STATIC = Path(__file__).parent / "static"
 PROB_ALTERNATIVES = 5  # top alternatives kept per token for the probability view
@@ -110,13 +110,19 @@ class RealmPanel(anywidget.AnyWidget):
 
     def refresh(self) -> list[dict[str, Any]]:
         """Reread the registry into the picker: each model's name, then its aliases, each
-        marked loaded or not."""
+        marked loaded or not, with what it holds resident (loaded) or its file's size and
+        where it was found (not loaded)."""
         rows: list[dict[str, Any]] = []
         for m in self.realm.models():
             state = "loaded" if m.loaded else "not loaded"
-            rows.append({"name": m.name, "label": f"{m.name} ({state})", "loaded": m.loaded})
-            rows += [{"name": a, "label": f"{a} (alias of {m.name}, {state})",
-                      "loaded": m.loaded} for a in m.aliases]
+            facts = (f"{size_text(m.resident_bytes)} resident" if m.loaded else
+                     ", ".join(x for x in (m.source, size_text(m.size_bytes)) if x and x != "-"))
+            detail = f"{facts}, {state}" if facts else state
+            row = {"name": m.name, "loaded": m.loaded, "resident_bytes": m.resident_bytes,
+                   "size_bytes": m.size_bytes, "source": m.source}
+            rows.append({**row, "label": f"{m.name} ({detail})"})
+            rows += [{**row, "name": a, "label": f"{a} (alias of {m.name}, {state})"}
+                     for a in m.aliases if a != m.path]
         if rows != self.models:
             self.models = rows
         return rows

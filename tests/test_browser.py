@@ -225,7 +225,8 @@ def test_panel_in_jupyterlab(lab):
             picker = panel.locator("[data-testid=realm-model]")
             options = picker.locator("option").evaluate_all(
                 "os => os.map(o => [o.value, o.textContent])")
-            assert ["smollm2-135m", "smollm2-135m (loaded)"] in options, options
+            assert any(v == "smollm2-135m" and t.startswith("smollm2-135m (")
+                       and t.endswith(" resident, loaded)") for v, t in options), options
             assert any(v == "smollm2" and "loaded" in t for v, t in options), options
             picker.select_option("smollm2")
             assert wait_python(python, "panel.model", "'smollm2'") == "'smollm2'"
