@@ -163,6 +163,11 @@ def found_models() -> list[FoundModel]:
     return out
 
 
+def find_by_name(name: str) -> FoundModel | None:
+    """The found model called `name` exactly (what a server accepts: never a path)."""
+    return next((m for m in found_models() if m.name == name.strip()), None)
+
+
 def find(name: str) -> FoundModel | None:
     """The found model called `name` (case-insensitive), or the one at path `name`."""
     key = name.strip()

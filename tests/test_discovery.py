@@ -199,3 +199,42 @@ def test_a_found_model_generates_by_its_name(stores: Stores) -> None:
         assert listed.loaded and listed.resident_bytes > 0 and listed.source == "lm-studio"
     finally:
         kernel.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_the_server_lists_found_models_and_an_admin_loads_one_by_name(stores: Stores) -> None:
+    import httpx
+
+    from realm_nb.kernel import RealmKernel
+    from realm_nb.server import BackgroundServer, KeyConfig, create_app
+
+    admin, tenant = "sk-admin-0123456789", "sk-tenant-0123456789"
+    keys = {admin: KeyConfig(tenant="ops", role="admin"), tenant: KeyConfig(tenant="bob")}
+    kernel = RealmKernel(n_slots=1, max_context=64)
+    try:
+        with BackgroundServer(create_app(kernel, api_keys=keys, default_model="my-tiny")) as srv:
+            def call(method: str, path: str, key: str,
+                     json: dict[str, object] | None = None) -> httpx.Response:
+                return httpx.request(method, srv.url + path, timeout=120, json=json,
+                                     headers={"Authorization": f"Bearer {key}"})
+
+            rows = {r["id"]: r for r in call("GET", "/v1/models", tenant).json()["data"]}
+            row = rows["ollama:tiny:latest"]
+            assert row["source"] == "ollama" and row["resident_bytes"] == 0
+            assert row["loaded"] is False and row["size"] == stores.files[
+                "ollama:tiny:latest"].stat().st_size
+            denied = call("POST", "/v1/models/load", tenant, json={"model": "ollama:tiny:latest"})
+            assert denied.status_code == 403
+            done = call("POST", "/v1/models/load", admin, json={"model": "ollama:tiny:latest"})
+            assert done.status_code == 200, done.text
+            assert done.json()["id"] == "ollama:tiny:latest" and done.json()["loaded"] is True
+            rows = {r["id"]: r for r in call("GET", "/v1/models", tenant).json()["data"]}
+            assert rows["ollama:tiny:latest"]["resident_bytes"] > 0
+            # the tenant uses it by that name now that it is loaded
+            got = call("POST", "/v1/completions", tenant,
+                       json={"model": "ollama:tiny:latest", "prompt": "ab", "max_tokens": 3,
+                             "temperature": 0})
+            assert got.status_code == 200, got.text
+            assert got.json()["usage"]["completion_tokens"] == 3
+    finally:
+        kernel.shutdown()

@@ -290,4 +290,5 @@ def model_entry(info: Any) -> dict[str, Any]:
     return {"id": info.name, "object": "model", "created": 0, "owned_by": "realm-nb",
             "content_id": info.id, "arch": info.arch, "quant": info.quant,
             "size": info.size_bytes, "loaded": info.loaded, "path": info.path,
-            "weights": info.weights, "aliases": list(info.aliases)}
+            "weights": info.weights, "aliases": list(info.aliases),
+            "resident_bytes": info.resident_bytes, "source": info.source}

@@ -22,7 +22,7 @@ import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .. import catalogue
+from .. import catalogue, discovery
 from ..errors import (
     Cancelled,
     GGUFFormatError,
@@ -63,13 +63,14 @@ class ServerContext:
         return ", ".join(m.name for m in self.kernel.models() if m.loaded) or "none"
 
     def resolve_model(self, name: str | None, caller: Caller, weights: str | None = None) -> str:
-        """A registered model, or (for an admin) a catalogue name that loads on first use; a
-        tenant never makes the server load anything, nor a second copy in another layout."""
+        """A registered model, or (for an admin) a catalogue name or a model found on the
+        server's disk (discovery) that loads on first use; a tenant never makes the server load
+        anything, nor a second copy in another layout."""
         name = name or self.default_model
         try:
             self.kernel.store.get(name)
         except ModelNotFoundError:
-            if catalogue.find_entry(name) is not None:
+            if catalogue.find_entry(name) is not None or discovery.find_by_name(name):
                 if caller.admin:
                     return name
                 raise PermissionDeniedError(

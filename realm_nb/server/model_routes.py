@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from .. import catalogue
+from .. import catalogue, discovery
 from ..errors import ModelInUseError, ModelNotFoundError
 from .bodies import LoadModelRequest, UnloadModelRequest, model_entry
 from .context import CallerDep, ContextDep, TenantDep
@@ -22,16 +22,19 @@ async def list_models(ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
 
 @router.post("/v1/models/load")
 async def load_model(body: LoadModelRequest, ctx: ContextDep, caller: CallerDep) -> dict[str, Any]:
-    """Load a catalogue model or a .gguf file from the model folders (admin keys only)."""
+    """Load a catalogue model, a model found on the server's disk (GET /v1/models lists them)
+    or a .gguf file from the model folders (admin keys only)."""
     ctx.need_admin(caller, "load")
     kernel = ctx.kernel
     source = body.model
     entry_cat = catalogue.find_entry(source)
+    found = None
     if entry_cat is None:
         try:
             entry = kernel.store.get(source)
         except ModelNotFoundError:
-            source = ctx.model_file(source)
+            found = discovery.find_by_name(source)
+            source = str(found.path) if found is not None else ctx.model_file(source)
         else:
             if body.name is None:
                 await ctx.audited("load", caller, repr(entry.name),
