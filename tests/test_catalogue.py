@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,19 @@ def test_copy_into_cache_refuses_a_wrong_file(tmp_path: Path,
     with pytest.raises(PullError, match=rf"{wrong.name}.*sha256.*{entry.sha256}"):
         catalogue.copy_into_cache(entry, wrong)
     assert not catalogue.cached_path(entry).exists()  # nothing was written to the cache
+
+
+def test_a_wheel_downloads_with_a_progress_bar_checked_against_the_index(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pip finds the wheel (metadata only) and its sha256; the download shows a bar."""
+    import importlib.metadata
+
+    req = f"iniconfig=={importlib.metadata.version('iniconfig')}"  # small, and allowed here
+    try:
+        wheel = catalogue._download_wheel(req, tmp_path)
+    except PullError as e:
+        pytest.skip(f"the package index is not reachable here: {e}")
+    assert wheel.parent == tmp_path and wheel.name.startswith("iniconfig-")
+    assert wheel.suffix == ".whl" and zipfile.is_zipfile(wheel)
+    err = capsys.readouterr().err
+    assert f"download {wheel.name}" in err and "100%" in err
