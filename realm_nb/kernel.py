@@ -53,6 +53,24 @@ def _stop_and_join(sched: Scheduler, timeout_s: float = 60.0) -> None:
     sched.stop(join_s=timeout_s)
 
 
+def _budget_from_env() -> int | None:
+    """REALM_NB_MEMORY_BUDGET: what the store may hold resident, in bytes or with a MiB/GiB
+    suffix ("6GiB"); unset or empty: no budget."""
+    text = os.environ.get("REALM_NB_MEMORY_BUDGET", "").strip()
+    if not text:
+        return None
+    units = {"gib": 2**30, "mib": 2**20, "": 1}
+    number = text.rstrip("GgMmIiBb")
+    unit = text[len(number):].lower()
+    try:
+        if unit not in units:
+            raise ValueError(unit)
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise InvalidRequestError(f"REALM_NB_MEMORY_BUDGET={text!r} is not a size; write bytes "
+                                  "or a number with MiB or GiB (e.g. 6GiB)") from None
+
+
 class _Done:
     def __init__(self, generation: Generation | None, error: BaseException | None) -> None:
         self.generation = generation
@@ -245,6 +263,7 @@ class RealmKernel:
                 cls._shared = cls(
                     n_slots=int(os.environ.get("REALM_NB_SLOTS", "8")),
                     max_context=int(os.environ.get("REALM_NB_CONTEXT", "2048")),
+                    budget_bytes=_budget_from_env(),
                     layout=os.environ.get("REALM_NB_WEIGHTS") or None,  # None: the default
                     tenant_slots=int(os.environ["REALM_NB_TENANT_SLOTS"])
                     if os.environ.get("REALM_NB_TENANT_SLOTS") else None,

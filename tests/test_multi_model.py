@@ -132,3 +132,15 @@ def test_an_evicted_model_loses_its_scheduler_and_comes_back_the_same(
         assert again.token_ids == first.token_ids and a.loaded and not b.loaded
     finally:
         kernel.shutdown()
+
+
+def test_the_budget_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from realm_nb.errors import InvalidRequestError
+    from realm_nb.kernel import _budget_from_env
+
+    for text, want in (("6GiB", 6 * 2**30), ("512mib", 512 * 2**20), ("1000", 1000), ("", None)):
+        monkeypatch.setenv("REALM_NB_MEMORY_BUDGET", text)
+        assert _budget_from_env() == want
+    monkeypatch.setenv("REALM_NB_MEMORY_BUDGET", "lots")
+    with pytest.raises(InvalidRequestError, match="'lots' is not a size"):
+        _budget_from_env()
