@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .kvcache import KVCache
-from .weights import LayerWeights, ModelWeights, embed_rows, linear, linear_many
+from .weights import ModelWeights, embed_rows, layer_at, linear, linear_many
 
 # ================================================================ building blocks
 
@@ -103,11 +103,10 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
     cos, sin = rope_tables(positions, cfg)
     rope = ROPE_STYLES[cfg.rope_style]
 
-    def block(carry: tuple[jax.Array, jax.Array, jax.Array],
-              layer: tuple[LayerWeights, jax.Array]
+    def block(carry: tuple[jax.Array, jax.Array, jax.Array], l: jax.Array
               ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
         x, k_cache, v_cache = carry  # x [B, T, D]; caches [L, P, PAGE, G, K]
-        w, l = layer
+        w = layer_at(params.layers, l)  # packed matrices are read in place, not sliced
         h = rms_norm(x, w.attn_norm, cfg.rms_eps)
         q, k, v = linear_many(h, (w.wq, w.wk, w.wv))
         # qwen2: q/k/v biases, added after the (packed) matmuls
@@ -132,8 +131,7 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
         return (x, k_cache, v_cache), None
 
     layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, k_cache, v_cache), _ = jax.lax.scan(block, (x, cache.k, cache.v),
-                                            (params.layers, layer_ids))
+    (x, k_cache, v_cache), _ = jax.lax.scan(block, (x, cache.k, cache.v), layer_ids)
     if not all_logits:
         x = x[jnp.arange(b), last_index]  # [B, D]
     x = rms_norm(x, params.norm, cfg.rms_eps)

@@ -20,7 +20,7 @@ Layouts (chosen per model at load time):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -66,30 +66,52 @@ class Int8Matrix:
         return out
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["raw"],
-         meta_fields=["qtype", "n_cols", "act_planes"])
+@partial(jax.tree_util.register_dataclass, data_fields=["raw", "layer"],
+         meta_fields=["qtype", "n_rows", "n_cols", "act_planes"])
 @dataclass(frozen=True)
 class PackedMatrix:
     """GGUF blocks (Q4_0, Q4_1 or Q8_0) that the CPU kernel multiplies without expanding them.
 
-    raw uint8 [..., O, row_bytes]; qtype, n_cols and act_planes are static. act_planes 2 rounds
-    the activations twice (value and residual, see `cpu_kernels.quant_matmul`) for the matrices
-    whose error shows most in the logits. A distinct class from `quants.QuantArray` (which
-    `exact` expands with XLA) so that `linear` can tell them apart.
+    raw uint8 [..., ceil(O/16), nb * tile bytes]: the file's blocks reordered into tiles of 16
+    rows (`cpu_kernels.interleave`, the same bytes); qtype, n_rows (O), n_cols and act_planes
+    are static. act_planes 2 rounds the activations to 16 bits rather than 8 (see
+    `cpu_kernels.quant_matmul`). `layer_at` makes the one-layer view of stacked layers: raw
+    stays [L, ...] and `layer` says which, so the kernel reads it in place. A distinct class
+    from `quants.QuantArray` (which `exact` expands with XLA) so that `linear` can tell them
+    apart.
     """
 
     raw: jax.Array
     qtype: QT
+    n_rows: int
     n_cols: int
     act_planes: int = 1
+    layer: jax.Array | None = None  # int32 scalar: raw is [L, ...] and this is layer `layer`
+
+    @property
+    def tiles(self) -> jax.Array:
+        """This matrix's tiles [G, nb * tile bytes] (a slice, hence a copy, for a layer view)."""
+        return self.raw if self.layer is None else self.raw[self.layer]
 
     @property
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
 
+    def gguf_rows(self) -> jax.Array:
+        """uint8 [..., O, row_bytes]: the blocks in the file's order."""
+        return cpu_kernels.deinterleave(self.tiles, self.qtype, self.n_rows, self.n_cols)
+
     def dequantize(self) -> jax.Array:
         """f32 [..., O, n_cols]."""
-        return quants.dequantize(self.raw, self.qtype, self.n_cols)
+        return quants.dequantize(self.gguf_rows(), self.qtype, self.n_cols)
+
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """f32 rows W[ids] → [..., I]: the ids' tiles gathered, then their rows picked."""
+        tiles = self.tiles[ids // cpu_kernels.GROUP]  # [..., nb * tile bytes]
+        rows = cpu_kernels.deinterleave(tiles[..., None, :], self.qtype, cpu_kernels.GROUP,
+                                        self.n_cols)  # [..., 16, row_bytes]
+        picked = jnp.take_along_axis(rows, (ids % cpu_kernels.GROUP)[..., None, None], axis=-2)
+        return quants.dequantize(picked[..., 0, :], self.qtype, self.n_cols)
 
 
 def linear(x: jax.Array, w: Matrix) -> jax.Array:
@@ -135,23 +157,10 @@ def kernel_usable() -> bool:
     return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
-# A prompt chunk of at least this many tokens per row is compute-bound: there XLA's f32 GEMM over
-# the blocks dequantized in the graph beats the kernel's int8 dots (two planes) on this AVX2 CPU,
-# as timed once on SmolLM2-shaped layers (an ad-hoc timing, on a busy machine: 128 rows 0.56 s
-# against ~1.4 s; 16 rows 0.22 s against 0.18 s; benchmarks/bench_vs_llamacpp.py's prefill row is
-# the figure to quote). Decode (one token per row, any batch) always takes the kernel, so a
-# decoding row's result never depends on its batch.
-F32_PREFILL_MIN_TOKENS = 32
-
-
-def _prompt_chunk(x: jax.Array) -> bool:
-    """x [B, T, D] holds a prompt chunk of T >= F32_PREFILL_MIN_TOKENS tokens per row."""
-    return x.ndim == 3 and x.shape[1] >= F32_PREFILL_MIN_TOKENS
-
-
 def _packed_linear(x: jax.Array, w: PackedMatrix) -> jax.Array:
-    if kernel_usable() and not _prompt_chunk(x):
-        return cpu_kernels.quant_matmul(x, w.raw, w.qtype, w.n_cols, w.act_planes)
+    if kernel_usable():
+        return cpu_kernels.quant_matmul(x, w.raw, w.qtype, w.n_rows, w.n_cols, w.act_planes,
+                                        w.layer)
     return packed_linear_fallback(x, w)
 
 
@@ -161,11 +170,13 @@ def linear_many(x: jax.Array, ws: tuple[Matrix, ...]) -> tuple[jax.Array, ...]:
     at one row that halved the 30 layers' matmul time here (separate calls each paid a thread
     hand-off and a wait). Results equal `linear`'s exactly."""
     packed = all(isinstance(w, PackedMatrix) for w in ws)
-    if (packed and len(ws) > 1 and kernel_usable() and not _prompt_chunk(x)
-            and len({(w.n_cols, w.act_planes) for w in ws}) == 1):
+    if (packed and len(ws) > 1 and kernel_usable()
+            and len({(w.n_cols, w.act_planes, w.layer is None) for w in ws}) == 1
+            and len({id(w.layer) for w in ws}) == 1):
         return cpu_kernels.quant_matmul_many(x, tuple(w.raw for w in ws),
-                                             tuple(w.qtype for w in ws), ws[0].n_cols,
-                                             ws[0].act_planes)
+                                             tuple(w.qtype for w in ws),
+                                             tuple(w.n_rows for w in ws), ws[0].n_cols,
+                                             ws[0].act_planes, ws[0].layer)
     return tuple(linear(x, w) for w in ws)
 
 
@@ -179,7 +190,7 @@ def embed_rows(w: Matrix, ids: jax.Array) -> jax.Array:
     if isinstance(w, Int8Matrix):
         return w.rows(ids)
     if isinstance(w, PackedMatrix):
-        return quants.dequantize(w.raw[ids], w.qtype, w.n_cols)
+        return w.rows(ids)
     if isinstance(w, QuantArray):
         return QuantArray(w.raw[ids], w.qtype, w.n_cols).dequantize()
     return w[ids]
@@ -330,12 +341,14 @@ def _packed(f: GGUFFile, name: str, *, uniform: bool = True) -> PackedMatrix:
     (always Q8_0 where the layers disagree on the type, `uniform` False, so that they stack)."""
     info = f.tensor(name)
     planes = PACKED_ACT_PLANES
+    n_rows = info.shape[0]
     if uniform and info.qtype in cpu_kernels.KERNEL_TYPES:
-        raw = np.ascontiguousarray(f.raw(name))
-        return PackedMatrix(jnp.asarray(raw), info.qtype, info.n_cols, planes)
+        tiles = cpu_kernels.interleave(np.asarray(f.raw(name)), info.qtype)
+        return PackedMatrix(jnp.asarray(tiles), info.qtype, n_rows, info.n_cols, planes)
     values = np.asarray(_dequantize_f32(f, name))
     q8 = gguf.quants.quantize(values, QT.Q8_0)  # uint8 [O, row_bytes]
-    return PackedMatrix(jnp.asarray(q8), QT.Q8_0, info.n_cols, planes)
+    tiles = cpu_kernels.interleave(q8, QT.Q8_0)
+    return PackedMatrix(jnp.asarray(tiles), QT.Q8_0, n_rows, info.n_cols, planes)
 
 
 def load_matrix(f: GGUFFile, name: str, layout: str) -> Matrix:
@@ -383,6 +396,21 @@ def stack_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, QT | None]:
         kinds = {f.tensor(tensor_name(field, i)).qtype for i in range(cfg.n_layers)}
         out[field] = kinds.pop() if len(kinds) == 1 else None
     return out
+
+
+def layer_at(layers: LayerWeights, layer: jax.Array) -> LayerWeights:
+    """Layer `layer` (an int32 scalar, e.g. a `lax.scan` counter) of the stacked layers.
+
+    Packed matrices stay whole and carry the index, so the kernel reads the layer in place:
+    scanning over the stacked arrays instead made XLA copy every packed matrix out of the stack
+    each step before the custom call (~8 ms of a ~16 ms SmolLM2 decode step, jax.profiler).
+    Other arrays are indexed, which XLA fuses into their consumers.
+    """
+    def pick(x: Any) -> Any:
+        if isinstance(x, PackedMatrix):
+            return replace(x, layer=layer)
+        return x[layer]
+    return jax.tree_util.tree_map(pick, layers, is_leaf=lambda x: isinstance(x, PackedMatrix))
 
 
 def stack_layers(layers: list[LayerWeights]) -> LayerWeights:
