@@ -53,7 +53,8 @@ class _Parser(MagicArgumentParser):
         kwargs.setdefault("formatter_class", argparse.HelpFormatter)  # no reST "::" in help
         super().__init__(*args, **kwargs)
 
-    def parse_argstring(self, argstring: str) -> argparse.Namespace:
+    def parse_argstring(self, argstring: str, *_: Any, **__: Any) -> argparse.Namespace:
+        # *_ / **__: IPython 9 adds a keyword (partial=); taking any keeps both 8 and 9 typed
         return self.parse_args(arg_split(argstring, posix=True))  # quotes group, then go
 
     def error(self, message: str) -> NoReturn:
