@@ -26,7 +26,7 @@ def _realm(args: argparse.Namespace) -> Any:
     # auto: --endpoint, REALM_NB_ENDPOINT, a Jupyter server's runtime on this machine, else local
     return Realm(mode="auto", default_model=args.model,
                  endpoint=getattr(args, "endpoint", None), api_key=getattr(args, "api_key", None),
-                 weights=getattr(args, "weights", None))
+                 weights=getattr(args, "weights", None), mesh=getattr(args, "mesh", None))
 
 
 def _preload(realm: Any, args: argparse.Namespace) -> None:
@@ -244,6 +244,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="talk to a realm-nb server at this URL")
     p.add_argument("--api-key", default=None, help="(default: REALM_NB_API_KEY)")
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, help="weight layout (local mode)")
+    p.add_argument("--mesh", default=None, help="devices to spread the model over (local mode), "
+                                                "e.g. model=2,data=1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", action="append", default=None,
                    help="folder whose .gguf files may be loaded over HTTP (repeatable)")
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default=None)
+    p.add_argument("--mesh", default=None,
+                   help="devices to spread each model over, e.g. model=2,data=1 (model: tensor "
+                        "parallel; data: KV cache pages); default REALM_NB_MESH, else all local "
+                        "devices")
     p.add_argument("--lazy", action="store_true",
                    help="serve at once; load models on first use (with progress in the stream)")
     p.add_argument("--fd", type=int, default=None,

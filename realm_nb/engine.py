@@ -12,21 +12,30 @@ Shapes are bucketed so jit compiles a few programs only: prompt chunks pad to PR
 decode batches pad to DECODE_BUCKETS (padding rows belong to a scratch slot whose table points at
 the scratch page), attention reads the first t_ctx cached positions, t_ctx a power of two
 (>= 128), and the pool holds a power of two of pages.
+
+On a mesh (mesh.py; `mesh=` None is the plain single-device path, unchanged) the engine places
+the weights and the pool with placement.py and compiles the same forward with those shardings
+as jit's in/out shardings, traced under `jax.set_mesh` so that the CPU kernel runs per shard;
+the logits come back replicated.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from functools import partial
+from contextlib import nullcontext
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidRequestError
 from .kvcache import INITIAL_PAGES, PAGE, KVCache, PageAllocator, grow_pool, shrink_pool
+from .mesh import describe
 from .model import forward
+from .placement import cache_sharding, place_params, shardings_of
 from .weights import ModelWeights
 
 # Small buckets keep a short prompt short: a 5-token prompt padded to 16 took ~220 ms here, to 8
@@ -38,12 +47,32 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_CTX_BUCKET = 128
 
 
-@partial(jax.jit, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
-def _step(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-          page_ids: jax.Array, offsets: jax.Array, table_rows: jax.Array, last_index: jax.Array,
-          *, cfg: ModelConfig, all_logits: bool) -> tuple[jax.Array, KVCache]:
+def _forward_step(params: ModelWeights, cache: KVCache, tokens: jax.Array,
+                  positions: jax.Array, page_ids: jax.Array, offsets: jax.Array,
+                  table_rows: jax.Array, last_index: jax.Array, *, cfg: ModelConfig,
+                  all_logits: bool) -> tuple[jax.Array, KVCache]:
     return forward(params, cache, tokens, positions, page_ids, offsets, table_rows, last_index,
                    cfg=cfg, all_logits=all_logits)
+
+
+_STATIC = ("cfg", "all_logits")
+_step = jax.jit(_forward_step, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
+def _sharded_step(mesh: Mesh, params: ModelWeights, cache: KVCache, cfg: ModelConfig) -> Any:
+    """`_step` for placed weights and pool: their shardings in and out, the six index arrays
+    replicated, the logits replicated (jit takes no keyword arguments beside in_shardings, so
+    cfg is bound and all_logits is the static ninth argument)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cache_in = shardings_of(cache)
+
+    def step(*args: Any) -> tuple[jax.Array, KVCache]:
+        return _forward_step(*args[:8], cfg=cfg, all_logits=args[8])
+
+    jitted = jax.jit(step, static_argnums=(8,), donate_argnums=(1,),
+                     in_shardings=(shardings_of(params), cache_in, *[replicated] * 6),
+                     out_shardings=(replicated, cache_in))
+    return lambda *args, cfg, all_logits: jitted(*args, all_logits)
 
 
 def enable_compilation_cache() -> None:
@@ -71,11 +100,12 @@ class Engine:
 
     kv_dtype: storage dtype of the cache (kvcache.kv_dtype_for(layout): f32 for `exact`, f16 for
     `fast`). kv_initial_pages: pool size when idle (a power of two; page 0 is scratch).
+    mesh: the devices to spread the weights and pool over (mesh.build_mesh); None: one device.
     """
 
     def __init__(self, cfg: ModelConfig, params: ModelWeights, *, n_slots: int = 8,
                  max_context: int = 2048, kv_dtype: np.dtype | str = "float32",
-                 kv_initial_pages: int = INITIAL_PAGES) -> None:
+                 kv_initial_pages: int = INITIAL_PAGES, mesh: Mesh | None = None) -> None:
         if n_slots < 1 or n_slots > DECODE_BUCKETS[-1]:
             raise InvalidRequestError(
                 f"n_slots={n_slots}: must be in 1..{DECODE_BUCKETS[-1]}", param="n_slots")
@@ -88,8 +118,28 @@ class Engine:
         self.t_max = self._ctx_bucket(self.max_context)  # the widest window attention reads
         self.pages = PageAllocator(n_slots, self.t_max // PAGE, initial_pages=kv_initial_pages)
         self.cache = KVCache.zeros(cfg, self.pages.n_pages, np.dtype(kv_dtype))
+        self.mesh = mesh
+        self._step: Any = _step
+        if mesh is not None:
+            # pools are powers of two >= INITIAL_PAGES, so a `data` size that divides this one
+            # divides every later one: the cache's shardings are fixed for the engine's life
+            self._cache_sharding = cache_sharding(self.cache, mesh)
+            self.params = place_params(params, mesh)
+            self.cache = self._placed(self.cache)
+            self._step = _sharded_step(mesh, self.params, self.cache, cfg)
         self._lock = threading.Lock()
         self.steps = 0
+
+    def _placed(self, cache: KVCache) -> KVCache:
+        """The pool where the engine's mesh keeps it (as it is on one device)."""
+        if self.mesh is None:
+            return cache
+        return jax.device_put(cache, self._cache_sharding)
+
+    @property
+    def mesh_spec(self) -> str:
+        """`model=M,data=N` of the mesh the engine runs on (`model=1,data=1`: one device)."""
+        return describe(self.mesh)
 
     @property
     def cache_bytes(self) -> int:
@@ -106,7 +156,7 @@ class Engine:
         with self._lock:
             self.pages.release(slot)
             if self.pages.n_pages < self.cache.n_pages:
-                self.cache = shrink_pool(self.cache, self.pages.n_pages)
+                self.cache = self._placed(shrink_pool(self.cache, self.pages.n_pages))
 
     @staticmethod
     def _ctx_bucket(n_positions: int) -> int:
@@ -176,11 +226,12 @@ class Engine:
         with self._lock:
             page_ids, offsets = self.pages.locate(slots, positions, real)
             if self.pages.n_pages > self.cache.n_pages:
-                self.cache = grow_pool(self.cache, self.pages.n_pages)
+                self.cache = self._placed(grow_pool(self.cache, self.pages.n_pages))
             table_rows = self.pages.table_rows(slots, t_ctx)  # [B, t_ctx / PAGE]
-            logits, self.cache = _step(self.params, self.cache, tokens, positions, page_ids,
-                                       offsets, table_rows, last_index, cfg=self.cfg,
-                                       all_logits=all_logits)
+            with jax.set_mesh(self.mesh) if self.mesh is not None else nullcontext():
+                logits, self.cache = self._step(self.params, self.cache, tokens, positions,
+                                                page_ids, offsets, table_rows, last_index,
+                                                cfg=self.cfg, all_logits=all_logits)
             self.steps += 1
             return np.asarray(logits)
 

@@ -27,6 +27,7 @@ from .errors import (
     ModelNotFoundError,
 )
 from .host import RequestHost
+from .mesh import build_mesh, describe
 from .scheduler import Scheduler
 from .store import LayerStore, ModelEntry
 from .tenants import Cancelled, Tenant
@@ -242,9 +243,10 @@ class RealmKernel:
 
     def __init__(self, *, n_slots: int = 8, max_context: int = 2048,
                  budget_bytes: int | None = None, layout: str | None = None,
-                 max_queue: int = 64, tenant_slots: int | None = None) -> None:
+                 max_queue: int = 64, tenant_slots: int | None = None, mesh: Any = None
+                 ) -> None:
         self.store = LayerStore(budget_bytes=budget_bytes, n_slots=n_slots,
-                                max_context=max_context, layout=layout)
+                                max_context=max_context, layout=layout, mesh=mesh)
         self.max_queue = max_queue
         self.tenant_slots = tenant_slots  # None: the scheduler's default (all slots but one)
         self._schedulers: dict[str, Scheduler] = {}
@@ -256,9 +258,21 @@ class RealmKernel:
         self.store.on_evict.append(self._drop_scheduler)
 
     @classmethod
-    def shared(cls) -> RealmKernel:
-        """The process's kernel (what local-mode `Realm`s and the magics share)."""
+    def shared(cls, mesh: Any = None) -> RealmKernel:
+        """The process's kernel (what local-mode `Realm`s and the magics share).
+
+        mesh: the devices its models spread over ('model=2,data=1', a dict, a jax Mesh; default
+        REALM_NB_MESH, else all local devices). One mesh per process: asking an existing kernel
+        for another raises InvalidRequestError.
+        """
         with cls._shared_lock:
+            if cls._shared is not None and mesh is not None:
+                wanted, running = describe(build_mesh(mesh)), describe(cls._shared.store.mesh)
+                if wanted != running:
+                    raise InvalidRequestError(
+                        f"mesh={mesh!r}: this process's runtime already runs on the mesh "
+                        f"{running}; one mesh per process: start a new process (or "
+                        f"`realm-nb serve --mesh {wanted}`) for another", param="mesh")
             if cls._shared is None:
                 cls._shared = cls(
                     n_slots=int(os.environ.get("REALM_NB_SLOTS", "8")),
@@ -267,6 +281,7 @@ class RealmKernel:
                     layout=os.environ.get("REALM_NB_WEIGHTS") or None,  # None: the default
                     tenant_slots=int(os.environ["REALM_NB_TENANT_SLOTS"])
                     if os.environ.get("REALM_NB_TENANT_SLOTS") else None,
+                    mesh=mesh if mesh is not None else os.environ.get("REALM_NB_MESH") or None,
                 )
                 atexit.register(cls._shared.shutdown)
             return cls._shared

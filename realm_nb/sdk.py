@@ -59,10 +59,10 @@ class Backend(Protocol):
 class LocalBackend:
     """The in-process kernel."""
 
-    def __init__(self) -> None:
+    def __init__(self, mesh: Any = None) -> None:
         from .kernel import RealmKernel
 
-        self.kernel = RealmKernel.shared()
+        self.kernel = RealmKernel.shared(mesh=mesh)
 
     def models(self) -> list[ModelInfo]:
         return self.kernel.models()
@@ -98,9 +98,12 @@ class Realm:
     def __init__(self, mode: Mode = "auto", *, default_model: str | None = None,
                  endpoint: str | None = None, api_key: str | None = None,
                  tenant: str | None = None, weights: str | None = None,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, mesh: Any = None) -> None:
         """tenant: this client's tenant; default the notebook's path in Jupyter, else
-        "default". On a server with keys, a plain key acts as its own tenant only."""
+        "default". On a server with keys, a plain key acts as its own tenant only.
+        mesh (local mode): the devices the in-process runtime spreads models over, e.g.
+        'model=2,data=1' (default REALM_NB_MESH, else all local devices); a server's mesh is
+        its own (`realm-nb serve --mesh`)."""
         if mode not in ("local", "server", "auto"):
             raise InvalidRequestError(f"mode={mode!r}: choose 'local', 'server' or 'auto'",
                                       param="mode")
@@ -129,6 +132,10 @@ class Realm:
                                    or DEFAULT_MODEL)
         self._streams: list[Stream] = []
         self._backend: Backend
+        if mode == "server" and mesh is not None:
+            raise InvalidRequestError(
+                f"mesh={mesh!r} applies to the in-process runtime (mode='local'); a server "
+                "runs on its own mesh: start it with `realm-nb serve --mesh ...`", param="mesh")
         if mode == "server":
             if not endpoint:
                 raise InvalidRequestError(
@@ -139,7 +146,7 @@ class Realm:
             named = tenant or derived  # None: the server's choice (the key's tenant)
             self._backend = HttpBackend(endpoint, api_key=key, timeout=timeout, tenant=named)
         else:
-            self._backend = LocalBackend()
+            self._backend = LocalBackend(mesh)
 
     def __repr__(self) -> str:  # never shows the key
         where = self.endpoint if self.mode == "server" else "this process"

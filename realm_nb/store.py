@@ -30,6 +30,7 @@ from .errors import InvalidRequestError, MemoryBudgetError, ModelNotFoundError
 from .gguf_io import GGUFFile, file_type_name, open_gguf
 from .hub import quant_of
 from .kvcache import kv_dtype_for
+from .mesh import build_mesh, describe
 from .tokenizer import TextCodec, load_codec
 from .types import ModelInfo, check_layout
 from .weights import (
@@ -139,8 +140,11 @@ class LayerStore:
     """Registry and residency of models. Thread-safe."""
 
     def __init__(self, *, budget_bytes: int | None = None, n_slots: int = 8,
-                 max_context: int = 2048, layout: str | None = None) -> None:
+                 max_context: int = 2048, layout: str | None = None, mesh: Any = None) -> None:
+        """mesh: where every model's weights and KV pool live (mesh.build_mesh: a spec like
+        'model=2,data=1', a dict, a jax Mesh; None: all local devices, or one)."""
         _bound_heap_retention()
+        self.mesh = build_mesh(mesh)
         self.budget_bytes = budget_bytes
         self.n_slots = n_slots
         self.max_context = max_context
@@ -289,7 +293,8 @@ class LayerStore:
                                   head=g["head"])
             entry.layers = [None] * entry.n_layers  # the stacked copy replaces the per-layer ones
             engine = Engine(entry.cfg, params, n_slots=self.n_slots,
-                            max_context=self.max_context, kv_dtype=kv_dtype_for(entry.layout))
+                            max_context=self.max_context, kv_dtype=kv_dtype_for(entry.layout),
+                            mesh=self.mesh)
             total = nbytes(params) + engine.cache_bytes
             self._make_room(total - entry.resident_bytes, keep=entry)
             entry.engine = engine
@@ -355,6 +360,7 @@ class LayerStore:
             "resident_bytes": self.resident_bytes(),
             "budget_bytes": self.budget_bytes,
             "evictions": self.evictions,
+            "mesh": describe(self.mesh),
         }
 
 

@@ -32,7 +32,10 @@ LAYERS: dict[str, set[str]] = {
     "format": {"gguf_io", "quants", "tokenizer", "chat_template"},
     # DESIGN.md "model": pure JAX. cpu_kernels: the quantized matmul (XLA FFI) that `weights`
     # calls inside the jitted step; kvcache is a DESIGN.md row too.
-    "model": {"config", "weights", "cpu_kernels", "kvcache", "model", "engine"},
+    # mesh: the rules table (logical axes -> mesh axes); placement: the weights and KV pool
+    # put on a mesh by it.
+    "model": {"config", "weights", "cpu_kernels", "kvcache", "model", "engine", "mesh",
+              "placement"},
     # DESIGN.md "runtime": registry and residency, the host ABI, tenants, batching, the facade.
     # catalogue: the model registry's names and `pull`; runtime: finding the runtime process;
     # jupyter_ext: the Jupyter Server extension that owns it; guest_build: builds the guest

@@ -31,7 +31,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
 
     weights = getattr(args, "weights", None)
     keys = load_keys(args.api_keys) if args.api_keys else None  # a bad file fails before loading
-    kernel = RealmKernel.shared()
+    kernel = RealmKernel.shared(mesh=getattr(args, "mesh", None))
     names = []
     for source in args.models or [catalogue.DEFAULT_MODEL]:
         entry = kernel.store.register(source, layout=weights)
