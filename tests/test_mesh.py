@@ -110,6 +110,14 @@ def test_server_mode_refuses_a_mesh() -> None:
         Realm(mode="server", endpoint="http://127.0.0.1:9", mesh="model=2,data=1")
 
 
+def test_local_realm_refuses_a_mesh_of_more_devices_than_there_are() -> None:
+    from realm_nb.sdk import Realm
+
+    n = len(jax.local_devices())
+    with pytest.raises(InvalidRequestError, match=rf"spans {n + 1} x 1 = {n + 1} device"):
+        Realm(mode="local", mesh=f"model={n + 1}")
+
+
 @pytest.mark.parametrize(("spec", "says"), [
     ("model=2,data=4", "spans 2 x 4 = 8 device(s)"),
     ("tensor=2", "unknown axis 'tensor'"),
