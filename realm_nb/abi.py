@@ -52,7 +52,7 @@ The sampler, in this order
     1. Repetition penalty over the last ``repeat_window`` tokens of prompt + generated, each
        distinct token once (llama.cpp's rule: logit > 0 → logit / penalty, else logit * penalty).
     2. ``temperature <= 0``: greedy argmax, lowest id wins ties. Otherwise:
-    3. Top-K: K = top_k if 0 < top_k <= `MAX_CANDIDATES` else `MAX_CANDIDATES` (found with a heap,
+    3. Top-K: K = top_k if 0 < top_k <= `limits.MAX_CANDIDATES` else that cap (found with a heap,
        never a sort of the vocabulary); candidates sorted by descending logit, then ascending id.
     4. Softmax of (logit - best) / temperature over the candidates: a quotient, never logit
        times 1 / temperature, which overflows for a subnormal temperature; as temperature -> 0
@@ -66,13 +66,13 @@ The sampler, in this order
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from .errors import InvalidRequestError
+from .limits import MAX_VOCAB, SAMPLING_LIMITS
 
 # --- version and names ---------------------------------------------------------------------------
 
@@ -99,7 +99,6 @@ MEMORY_EXPORT = "memory"
 EMIT_CONTINUE = 0
 EMIT_STOP = 1
 
-MAX_CANDIDATES = 512
 PCG32_SEQUENCE = 0xDA3E39CB94B95BDB
 MAX_LOG_BYTES = 64 * 1024
 
@@ -159,9 +158,6 @@ assert HEADER.size == 64
 # off 16 u32 max_tokens     off 44 f32 repeat_penalty      i32[n_eos] end-of-generation ids
 # off 20 u32 top_k
 
-_U32_MAX = 0xFFFF_FFFF
-
-
 @dataclass(frozen=True)
 class Request:
     """One generation request as the guest reads it. Token ids are ids of the model's vocabulary."""
@@ -192,8 +188,8 @@ def validate(req: Request) -> None:
             version_string(req.abi_version),
             f"this host speaks ABI {ABI_VERSION_MAJOR}.x",
         )
-    if not 0 < req.vocab_size <= 1 << 24:
-        raise _bad("vocab_size", req.vocab_size, "it must be in 1..16777216")
+    if not 0 < req.vocab_size <= MAX_VOCAB:
+        raise _bad("vocab_size", req.vocab_size, f"it must be in 1..{MAX_VOCAB}")
     if not req.prompt:
         raise _bad("prompt", req.prompt, "it must hold at least one token id")
     for tok in req.prompt:
@@ -202,20 +198,12 @@ def validate(req: Request) -> None:
     for tok in req.eos_ids:
         if not 0 <= tok < req.vocab_size:
             raise _bad("eos_ids", tok, f"token ids must be in 0..{req.vocab_size - 1}")
-    for name in ("max_tokens", "top_k", "repeat_window"):
-        value = getattr(req, name)
-        if not 0 <= value <= _U32_MAX:
-            raise _bad(name, value, "it must be an integer in 0..2**32-1")
     if not 0 <= req.seed < 1 << 64:
         raise _bad("seed", req.seed, "it must be an integer in 0..2**64-1")
-    if not math.isfinite(req.temperature) or req.temperature < 0:
-        raise _bad("temperature", req.temperature, "it must be finite and >= 0 (0 = greedy)")
-    if not 0 < req.top_p <= 1:
-        raise _bad("top_p", req.top_p, "it must be in (0, 1] (1 = off)")
-    if not 0 <= req.min_p <= 1:
-        raise _bad("min_p", req.min_p, "it must be in [0, 1] (0 = off)")
-    if not math.isfinite(req.repeat_penalty) or req.repeat_penalty <= 0:
-        raise _bad("repeat_penalty", req.repeat_penalty, "it must be finite and > 0 (1 = off)")
+    for name, limit in SAMPLING_LIMITS.items():  # the table the guest's limits.zig is made from
+        value = getattr(req, name)
+        if not limit.admits(value):
+            raise _bad(name, value, f"it must be {limit.rule}")
 
 
 def pack_request(

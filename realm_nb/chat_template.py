@@ -17,7 +17,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import FunctionLoader, nodes
@@ -25,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from .errors import ChatTemplateBudgetError, ChatTemplateError, InvalidRequestError, RealmError
+from .limits import TemplateBudget  # the budget's numbers live with the other request limits
 
 __all__ = ["TemplateBudget", "render_template", "validate_messages"]
 
@@ -51,22 +51,10 @@ def _short(value: Any, limit: int = 120) -> str:
 
 # ------------------------------------------------------------------------------ budgets
 
-TEMPLATE_TIME_S = 2.0  # wall-clock budget of one render
-TEMPLATE_MAX_STEPS = 1_000_000  # loop iterations + calls + lookups + operators of one render
-TEMPLATE_MAX_CHARS = 1 << 20  # the most characters a render outputs, or any one value holds
-TEMPLATE_WORK_FACTOR = 16  # all the values a render builds: at most this x TEMPLATE_MAX_CHARS
+TEMPLATE_WORK_FACTOR = 16  # all the values a render builds: at most this x budget.max_chars
 TEMPLATE_MAX_SOURCE = 256 * 1024  # characters of template source (compiling is not budgeted)
 _MAX_INT_BITS = 1 << 16  # integers a template may compute (no 10**10**9)
 _POLL_EVERY = 64  # steps between looks at the clock and the caller's check
-
-
-@dataclass(frozen=True)
-class TemplateBudget:
-    """How much one chat-template render may do: wall-clock time, steps, characters."""
-
-    time_s: float = TEMPLATE_TIME_S
-    max_steps: int = TEMPLATE_MAX_STEPS
-    max_chars: int = TEMPLATE_MAX_CHARS
 
 
 class _Render:

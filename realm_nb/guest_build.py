@@ -4,6 +4,9 @@ Zig comes from the `ziglang` wheel (the `build` extra: ``pip install 'realm-nb[b
 built guest ships inside the package, so users never need it. The build runs in a temporary
 directory and is byte-for-byte reproducible: ``python -m realm_nb.guest_build --check`` rebuilds
 and exits 1 if the result differs from the committed artifact.
+
+wasm/limits.zig, which the guest imports, is written from realm_nb/limits.py (the one table of
+request limits the host checks too): the build writes it, `--check` fails when it is stale.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import abi
+from . import abi, limits
 from .errors import GuestBuildError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 GUEST_SOURCE = REPO_DIR / "wasm" / "guest.zig"
 GUEST_ARTIFACT = PACKAGE_DIR / "realm_guest.wasm"
+LIMITS_NAME = "limits.zig"  # beside the guest source, which imports it
 ZIG_VERSION = "0.17.1"
 
 
@@ -44,6 +48,7 @@ def build_guest(out: Path | None = None, source: Path = GUEST_SOURCE) -> Path:
             f"guest source {source} not found; build from a checkout of realm-nb (the wasm/ "
             "folder is not part of the wheel)"
         )
+    write_limits(source.parent / LIMITS_NAME)
     exports = [f"--export={name}" for name in abi.EXPORTS]
     with tempfile.TemporaryDirectory(prefix="realm-guest-") as tmp:
         built = Path(tmp) / "realm_guest.wasm"
@@ -70,6 +75,17 @@ def build_guest(out: Path | None = None, source: Path = GUEST_SOURCE) -> Path:
     return out
 
 
+def write_limits(path: Path) -> None:
+    """Write the guest's copy of limits.py's table, unless it is already current."""
+    text = limits.render_zig()
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def limits_current(path: Path) -> bool:
+    return path.is_file() and path.read_text() == limits.render_zig()
+
+
 def check_shipped(built: bytes, artifact: Path, rebuild: str) -> int:
     """Compare a fresh build with the shipped artifact (CI's reproducibility check): 0 when
     byte-identical, else 1 with what to run."""
@@ -93,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
+            if not limits_current(GUEST_SOURCE.parent / LIMITS_NAME):
+                print(f"{GUEST_SOURCE.parent / LIMITS_NAME} does not match realm_nb/limits.py; "
+                      "run `python -m realm_nb.guest_build` and commit both", file=sys.stderr)
+                return 1
             with tempfile.TemporaryDirectory() as tmp:
                 built = build_guest(Path(tmp) / "realm_guest.wasm").read_bytes()
             return check_shipped(built, GUEST_ARTIFACT, "python -m realm_nb.guest_build")

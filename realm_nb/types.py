@@ -6,17 +6,14 @@ the CLI and the notebook faces, so that both modes return the very same types.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidRequestError, StreamBusyError
+from .limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_LIMITS
 
 FinishReason = Literal["stop", "length", "cancelled"]
-# Stop strings are searched for after every token: their number and length bound that cost.
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 _STOP_RULE = (f"a string or a list of up to {MAX_STOP_STRINGS} non-empty strings of at most "
               f"{MAX_STOP_CHARS} characters each")
 WeightLayout = Literal["exact", "fast", "packed"]
@@ -45,7 +42,7 @@ class SamplingParams:
     """How the guest picks each token. temperature 0 means greedy (argmax).
 
     Order inside the guest: repetition penalty over the last `repeat_window` tokens, then
-    temperature, top-k (always capped, see abi.MAX_CANDIDATES), top-p, min-p, then a seeded draw.
+    temperature, top-k (always capped, see limits.MAX_CANDIDATES), top-p, min-p, then a seeded draw.
     """
 
     max_tokens: int = 128
@@ -71,20 +68,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad parameter."""
-        _check(_is_int(self.max_tokens) and 0 <= self.max_tokens < 2**32, "max_tokens",
-               self.max_tokens, "an integer in [0, 2**32)")
-        _check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
-               self.temperature, "a number in [0, 100]")
-        _check(_is_int(self.top_k) and 0 <= self.top_k < 2**32, "top_k", self.top_k,
-               "an integer in [0, 2**32) (0 = the guest's candidate cap)")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
-               "a number in (0, 1]")
-        _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p,
-               "a number in [0, 1)")
-        _check(_is_num(self.repeat_penalty) and 0 < self.repeat_penalty <= 10, "repeat_penalty",
-               self.repeat_penalty, "a number in (0, 10]")
-        _check(_is_int(self.repeat_window) and 0 <= self.repeat_window <= 4096, "repeat_window",
-               self.repeat_window, "an integer in [0, 4096]")
+        for name, limit in SAMPLING_LIMITS.items():  # limits.py: the table the guest shares
+            value = getattr(self, name)
+            _check(limit.admits(value), name, value, limit.rule)
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
                self.seed, "null or an integer in [0, 2**64)")
         _check(len(self.stop) <= MAX_STOP_STRINGS and all(
@@ -110,10 +96,6 @@ class _Shown(str):
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)

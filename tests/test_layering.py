@@ -25,8 +25,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "realm_nb"
 # Lowest first.
 LAYERS: dict[str, set[str]] = {
     # Not a DESIGN.md row: the shared vocabulary every layer speaks (the one error family,
-    # request/result types, the cache folder). Imports nothing else of ours.
-    "common": {"errors", "types", "paths"},
+    # request/result types and their limits, the cache folder). Imports nothing else of ours.
+    "common": {"errors", "types", "paths", "limits"},
     # DESIGN.md "format": reading GGUF, block formats, vocab, chat templates (jinja2).
     # chat_template: the sandboxed jinja2 renderer the tokenizer uses (next to tokenizer).
     "format": {"gguf_io", "quants", "tokenizer", "chat_template"},
@@ -73,11 +73,6 @@ KNOWN_BREAKS: dict[tuple[str, str], str] = {
         "the CPU kernel build shares the guest build's zig pin (ZIG_VERSION) and its "
         "shipped-artifact check (check_shipped); both belong in a build-tools module below "
         "the model layer",
-    ("server.auth", "chat_template"):
-        "ServerLimits holds a TemplateBudget (the chat-template step/time/size budget) to hand "
-        "to RealmKernel.render_chat; the budget type belongs with the other request limits in "
-        "types.py (issue 12's one table of limits), and importing it through kernel.py would "
-        "make `realm-nb keys` import JAX",
     ("cli", "cpu_kernels"):
         "`realm-nb build-kernels` runs cpu_kernels.main, a build tool; it should move with the "
         "build helpers above, or be reached through the kernel facade",

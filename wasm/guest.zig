@@ -20,7 +20,9 @@ const OUT_OF_MEMORY: i32 = -8;
 
 const REQUEST_MAGIC: u32 = 0x514D4C52; // b"RLMQ" read as a little-endian u32
 const HEADER_BYTES: usize = 64;
-const MAX_CANDIDATES: usize = 512;
+// The request limits, written from realm_nb/limits.py (the one table the host checks too).
+const limits = @import("limits.zig");
+const MAX_CANDIDATES: usize = limits.MAX_CANDIDATES;
 const PAGE: u64 = 65536;
 
 // ---------------------------------------------------------------------------------------------
@@ -349,10 +351,6 @@ fn rdf(b: [*]const u8, off: usize) f32 {
     return @bitCast(rd32(b, off));
 }
 
-fn isFinite(x: f32) bool {
-    return x == x and x - x == 0;
-}
-
 var token_slot: i32 = 0; // the one token handed to forward during decoding
 
 export fn realm_generate(req_ptr: i32, req_len: i32) i32 {
@@ -378,11 +376,12 @@ export fn realm_generate(req_ptr: i32, req_len: i32) i32 {
     const seed = rd64(b, 24);
     const repeat_window = rd32(b, 48);
     const n_eos = rd32(b, 52);
-    if (vocab == 0 or vocab > 0x0100_0000 or n_prompt == 0) return BAD_REQUEST;
+    if (vocab == 0 or vocab > limits.MAX_VOCAB or n_prompt == 0) return BAD_REQUEST;
     if (@as(u64, HEADER_BYTES) + 4 * (@as(u64, n_prompt) + n_eos) != len) return BAD_REQUEST;
-    if (!isFinite(params.temperature) or !(params.top_p > 0 and params.top_p <= 1)) return BAD_REQUEST;
-    if (!(params.min_p >= 0 and params.min_p <= 1)) return BAD_REQUEST;
-    if (!isFinite(params.repeat_penalty) or !(params.repeat_penalty > 0)) return BAD_REQUEST;
+    if (!limits.maxTokensOk(max_tokens) or !limits.topKOk(params.top_k)) return BAD_REQUEST;
+    if (!limits.temperatureOk(params.temperature) or !limits.topPOk(params.top_p)) return BAD_REQUEST;
+    if (!limits.minPOk(params.min_p) or !limits.repeatPenaltyOk(params.repeat_penalty)) return BAD_REQUEST;
+    if (!limits.repeatWindowOk(repeat_window)) return BAD_REQUEST;
     const prompt_off = HEADER_BYTES;
     const eos_off = HEADER_BYTES + 4 * @as(usize, n_prompt);
     for (0..n_prompt) |i| {

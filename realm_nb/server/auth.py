@@ -45,7 +45,6 @@ from urllib.parse import urlsplit
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..chat_template import TemplateBudget
 from ..errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -55,6 +54,7 @@ from ..errors import (
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
+from ..limits import TemplateBudget
 from ..runtime import DEFAULT_TENANT, MAX_TENANT_CHARS
 from .metrics import ServerMetrics
 
