@@ -320,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted (413 past it); default 4 MiB")
     p.add_argument("--allowed-host", action="append", default=None,
                    help="Host name a server without keys on loopback also answers (repeatable)")
+    ray = p.add_argument_group("Ray Serve (pip install \"realm-nb[ray]\")")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve application: runtime replicas, each tenant "
+                          "sticky to one")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="runtime replicas (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None,
+                     help="autoscale between --min-replicas and --max-replicas on the "
+                          "ongoing requests per replica")
+    ray.add_argument("--max-replicas", type=int, default=None)
+    ray.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                     help="autoscaling target of ongoing requests per replica (default 16)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="CPUs Ray reserves for each replica (default 1)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (default RAY_ADDRESS, else start one on this "
+                          "machine for as long as the command runs)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys for `serve --api-keys`: add (hashed), list, hash")

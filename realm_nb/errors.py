@@ -233,6 +233,22 @@ class ServerConnectionError(RealmError):
     code = "server_unreachable"
 
 
+class ReplicaLostError(RealmError):
+    """The Ray Serve replica running a request stopped before the request ended (`realm-nb
+    serve --ray`): that request is lost, and a retry goes to a live replica."""
+
+    status_code = 503
+    code = "replica_lost"
+
+
+class MissingExtraError(RealmError):
+    """A feature needs an optional extra of the package that is not installed (`realm-nb serve
+    --ray` needs `realm-nb[ray]`); the message names the pip command."""
+
+    status_code = 501
+    code = "missing_extra"
+
+
 # --- the registry: server bodies → classes -------------------------------------------------------
 
 

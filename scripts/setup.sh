@@ -72,7 +72,8 @@ if ! [ -x /usr/bin/chromium ]; then
          "pytest skips them and says why. To get it, as root: apt-get install chromium"
   fi
 fi
-python -m pip install -q -e ".[dev]"
+# ray: `realm-nb serve --ray` and its tests (tests/test_ray_serve.py), which CI runs too
+python -m pip install -q -e ".[dev,ray]"
 if ! realm_node_ok && as_root_apt; then
   apt_install nodejs npm
 fi

@@ -298,6 +298,29 @@ def _host_name(netloc: str) -> str:
         return ""
 
 
+class KeyTable:
+    """The keys of a keys file, plain and hashed, and the lookup of a key a client sent (the
+    gate's, and the Ray ingress's when it picks a tenant's replica: `ray_app`)."""
+
+    def __init__(self, keys: dict[str, KeyConfig]) -> None:
+        self.plain = [(k.encode(), c) for k, c in keys.items() if not k.startswith(HASH_PREFIX)]
+        self.hashed = [(k.encode(), c) for k, c in keys.items() if k.startswith(HASH_PREFIX)]
+
+    def find(self, given: str) -> KeyConfig | None:
+        """The config of a key, comparing in constant time against every key (plain and hashed
+        alike), so the time taken tells nothing of which keys exist."""
+        found = None
+        raw = given.encode()
+        digest = hash_key(given).encode()
+        for key, config in self.plain:
+            if hmac.compare_digest(key, raw):
+                found = config
+        for key, config in self.hashed:
+            if hmac.compare_digest(key, digest):
+                found = config
+        return found
+
+
 @dataclass
 class Caller:
     """Who a request is: its tenant, whether it sees every tenant, its role, and the key's name
@@ -318,29 +341,13 @@ class GateMiddleware:
         self.keys = dict(api_keys or {})
         self.metrics = metrics
         self.limits = limits or ServerLimits()
-        self.plain = [(k.encode(), c) for k, c in self.keys.items()
-                      if not k.startswith(HASH_PREFIX)]
-        self.hashed = [(k.encode(), c) for k, c in self.keys.items() if k.startswith(HASH_PREFIX)]
+        self.table = KeyTable(self.keys)
         self.buckets = {id(c): TokenBucket(c.rate, c.burst) for c in self.keys.values()
                         if c.rate is not None}
         self.throttle = FailureThrottle(self.limits.auth_failures, self.limits.auth_window_s)
         self.hosts = {*LOOPBACK_NAMES, *(h.lower() for h in self.limits.allowed_hosts)}
 
     # ------------------------------------------------------------------ checks
-
-    def find_key(self, given: str) -> KeyConfig | None:
-        """The config of a key, comparing in constant time against every key (plain and hashed
-        alike), so the time taken tells nothing of which keys exist."""
-        found = None
-        raw = given.encode()
-        digest = hash_key(given).encode()
-        for key, config in self.plain:
-            if hmac.compare_digest(key, raw):
-                found = config
-        for key, config in self.hashed:
-            if hmac.compare_digest(key, digest):
-                found = config
-        return found
 
     def caller(self, scope: Scope, headers: dict[bytes, bytes]) -> Caller:
         """Who this request is; raises AuthenticationError, PermissionDeniedError (a plain key
@@ -357,7 +364,7 @@ class GateMiddleware:
                 f"{self.throttle.window_s:g} s); retry in {wait:.0f} s", retry_after=wait,
                 param="Authorization")
         given = bearer_key(headers)
-        config = self.find_key(given) if given is not None else None
+        config = self.table.find(given) if given is not None else None
         if config is None:
             self.throttle.fail(address)
             self.metrics.auth_failures.labels(

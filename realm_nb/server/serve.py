@@ -19,38 +19,24 @@ from fastapi import FastAPI
 from .. import catalogue
 from ..errors import InvalidRequestError
 from .app import create_app
-from .auth import ServerLimits, load_keys
+from .auth import KeyConfig, ServerLimits, load_keys
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
-    """Build the kernel, load the --model list with progress bars, read the keys, run uvicorn."""
+    """Build the kernel, load the --model list with progress bars, read the keys, run uvicorn
+    (or, with --ray, deploy the same app as a Ray Serve application: `ray_app`)."""
+    if getattr(args, "ray", False):
+        from .ray_app import serve_on_ray
+
+        return serve_on_ray(args)
+    for flag in ("replicas", "min_replicas", "max_replicas", "ray_address"):
+        if getattr(args, flag, None) is not None:
+            raise InvalidRequestError(f"--{flag.replace('_', '-')} is a Ray Serve flag: add "
+                                      "--ray", param=flag)
     import uvicorn
-    from tqdm import tqdm
 
-    from ..kernel import RealmKernel
-
-    weights = getattr(args, "weights", None)
     keys = load_keys(args.api_keys) if args.api_keys else None  # a bad file fails before loading
-    kernel = RealmKernel.shared(mesh=getattr(args, "mesh", None))
-    names = []
-    for source in args.models or [catalogue.DEFAULT_MODEL]:
-        entry = kernel.store.register(source, layout=weights)
-        if not args.lazy:
-            with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer",
-                      file=sys.stderr) as bar:
-                kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
-        names.append(entry.name)
-    dirs = [Path(d) for d in (args.models_dir or [])]
-    limits = ServerLimits()
-    if getattr(args, "max_body_bytes", None) is not None:
-        if args.max_body_bytes < 1024:
-            raise InvalidRequestError(f"--max-body-bytes {args.max_body_bytes}: give at least "
-                                      "1024", param="max_body_bytes")
-        limits = dataclasses.replace(limits, max_body_bytes=args.max_body_bytes)
-    if getattr(args, "allowed_host", None):
-        limits = dataclasses.replace(limits, allowed_hosts=tuple(args.allowed_host))
-    app = create_app(kernel, api_keys=keys, models_dirs=dirs, default_model=names[0],
-                     limits=limits)
+    app, names = app_from_args(args, keys)
     if args.fd is not None:  # a listening socket handed down by the Jupyter server extension
         sock = socket.socket(fileno=args.fd)
         host, port = sock.getsockname()[:2]
@@ -69,6 +55,43 @@ def serve_from_args(args: argparse.Namespace) -> int:
         _exit_with_parent(args.parent_pid, server)
     server.run(sockets=[sock])
     return 0
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The HTTP face's limits the `serve` flags set (checked: a bad value fails at once)."""
+    limits = ServerLimits()
+    if getattr(args, "max_body_bytes", None) is not None:
+        if args.max_body_bytes < 1024:
+            raise InvalidRequestError(f"--max-body-bytes {args.max_body_bytes}: give at least "
+                                      "1024", param="max_body_bytes")
+        limits = dataclasses.replace(limits, max_body_bytes=args.max_body_bytes)
+    if getattr(args, "allowed_host", None):
+        limits = dataclasses.replace(limits, allowed_hosts=tuple(args.allowed_host))
+    return limits
+
+
+def app_from_args(args: argparse.Namespace, keys: dict[str, KeyConfig] | None, *,
+                  progress: bool = True) -> tuple[FastAPI, list[str]]:
+    """The process's kernel with the --model list registered (and resident unless --lazy), and
+    the app over it; also what each Ray Serve replica runs (`ray_app.Runtime`)."""
+    from tqdm import tqdm
+
+    from ..kernel import RealmKernel
+
+    weights = getattr(args, "weights", None)
+    kernel = RealmKernel.shared(mesh=getattr(args, "mesh", None))
+    names = []
+    for source in args.models or [catalogue.DEFAULT_MODEL]:
+        entry = kernel.store.register(source, layout=weights)
+        if not args.lazy:
+            with tqdm(total=entry.n_layers, desc=f"load {entry.name}", unit="layer",
+                      file=sys.stderr, disable=not progress) as bar:
+                kernel.store.ensure_resident(entry, progress=lambda i, n: bar.update(i - bar.n))
+        names.append(entry.name)
+    dirs = [Path(d) for d in (args.models_dir or [])]
+    app = create_app(kernel, api_keys=keys, models_dirs=dirs, default_model=names[0],
+                     limits=limits_from_args(args))
+    return app, names
 
 
 def _exit_with_parent(parent_pid: int, server: Any) -> None:
