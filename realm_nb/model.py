@@ -2,8 +2,11 @@
 SwiGLU) → RMSNorm → head. Pure functions; `engine.py` holds the only jit boundaries.
 
 Architectures differ by small blocks the config switches on (config.ArchSpec), never by a copy
-of the forward: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3), RoPE on adjacent pairs
-(llama) or on halves (NEOX: qwen2, qwen3), and scaled RoPE frequencies (Llama 3).
+of the forward: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3, gemma3), RoPE on adjacent
+pairs (llama) or on halves (NEOX: qwen2, qwen3, gemma3), scaled RoPE frequencies (Llama 3), and
+Gemma 3's pieces: embeddings scaled by √D, sliding-window (local) layers with their own RoPE base
+between global ones, RMSNorm of each sub-block's output before the residual add, GELU-tanh gated
+FFN, a query scale of its own and, where the file sets it, soft-capped logits.
 
 Glossary: B batch rows, T new tokens per row, S cache slots, C cached positions (t_ctx), D width,
 H query heads, G kv heads, R = H / G query heads per kv head, K head dim, F ffn, V vocab, L layers,
@@ -16,6 +19,9 @@ made XLA copy the cache every call (FACTS.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +37,21 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def post_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
+    """A sub-block's output RMS-normed before the residual add where the layer has the weight
+    (gemma3's post_attention_norm, post_ffw_norm); else as it is."""
+    return x if w is None else rms_norm(x, w, eps)
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig, *, local: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, 1, K/2] for integer positions [B, T]; frequency i is base^(-2i/K),
-    divided by cfg.rope_freq_factors[i] where the file scales RoPE (Llama 3)."""
+    divided by cfg.rope_freq_factors[i] where the file scales RoPE (Llama 3). `local`: the
+    sliding-window layers' tables (their own base, never scaled: llama.cpp's gemma3)."""
     half = cfg.head_dim // 2
-    inv_freq = cfg.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
-    if cfg.rope_freq_factors is not None:
+    base = cfg.rope_base_local if local and cfg.rope_base_local is not None else cfg.rope_base
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
+    if cfg.rope_freq_factors is not None and not local:
         inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
@@ -59,20 +74,31 @@ def apply_rope_halves(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
 
 ROPE_STYLES = {"pairs": apply_rope, "halves": apply_rope_halves}
 
+# The gate's activation in the gated FFN: SwiGLU (llama, qwen) or GeGLU with GELU's tanh
+# approximation (Gemma; llama.cpp's ggml_gelu).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
 
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
+              cfg: ModelConfig, window: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention of new queries over cached keys.
 
     q [B, T, H, K]; keys, values [B, C, G, K]; positions [B, T] → [B, T, H*K].
     Cached position c is visible to a query at position p when c <= p (causal; it also hides
-    stale entries past the sequence's end).
+    stale entries past the sequence's end) and, given an int32 `window` W (a local layer of
+    a sliding-window model), p - c < W: the positions older than the window stay in the paged
+    cache (the global layers read them) but this layer never sees them.
     """
     b, t = q.shape[:2]
     c = keys.shape[1]
     qg = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    scores = jnp.einsum("btgrk,bcgk->btgrc", qg, keys) * (cfg.head_dim ** -0.5)
-    visible = jnp.arange(c)[None, None, :] <= positions[:, :, None]  # [B, T, C]
+    scale = cfg.head_dim ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+    scores = jnp.einsum("btgrk,bcgk->btgrc", qg, keys) * scale
+    cached = jnp.arange(c)[None, None, :]
+    visible = cached <= positions[:, :, None]  # [B, T, C]
+    if window is not None:
+        visible &= cached > positions[:, :, None] - window
     scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("btgrc,bcgk->btgrk", probs, values)
@@ -100,8 +126,15 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
     b, t = tokens.shape
     n, page = table_rows.shape[1], cache.page_size
     x = embed_rows(params.embed, tokens)  # [B, T, D]
+    if cfg.embed_scale is not None:  # gemma3: √D
+        x = x * cfg.embed_scale
     cos, sin = rope_tables(positions, cfg)
     rope = ROPE_STYLES[cfg.rope_style]
+    act = ACTIVATIONS[cfg.ffn_act]
+    sliding = cfg.sliding_window is not None
+    if sliding:  # gemma3: local layers have their own RoPE tables and see the window only
+        cos_local, sin_local = rope_tables(positions, cfg, local=True)
+        is_local = jnp.asarray(cfg.local_layers, bool)  # [L]
 
     def block(carry: tuple[jax.Array, jax.Array, jax.Array], l: jax.Array
               ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
@@ -115,19 +148,26 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        # qwen3: RMSNorm over each head's K dims, before RoPE
+        # qwen3, gemma3: RMSNorm over each head's K dims, before RoPE
         if w.q_norm is not None and w.k_norm is not None:
             q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        layer_cos, layer_sin, window = cos, sin, None
+        if sliding:
+            local = is_local[l]
+            layer_cos = jnp.where(local, cos_local, cos)
+            layer_sin = jnp.where(local, sin_local, sin)
+            window = jnp.where(local, cfg.sliding_window or 0, jnp.iinfo(jnp.int32).max)
+        q, k = rope(q, layer_cos, layer_sin), rope(k, layer_cos, layer_sin)
         k_cache = k_cache.at[l, page_ids, offsets].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[l, page_ids, offsets].set(v.astype(v_cache.dtype))
         shape = (b, n * page, cfg.n_kv_heads, cfg.head_dim)
         keys = k_cache[l, table_rows].reshape(shape).astype(jnp.float32)  # [B, C, G, K]
         values = v_cache[l, table_rows].reshape(shape).astype(jnp.float32)
-        x = x + linear(attention(q, keys, values, positions, cfg), w.wo)
+        x = x + post_norm(linear(attention(q, keys, values, positions, cfg, window), w.wo),
+                          w.post_attn_norm, cfg.rms_eps)
         h = rms_norm(x, w.ffn_norm, cfg.rms_eps)
         gate, up = linear_many(h, (w.w_gate, w.w_up))
-        x = x + linear(jax.nn.silu(gate) * up, w.w_down)
+        x = x + post_norm(linear(act(gate) * up, w.w_down), w.post_ffn_norm, cfg.rms_eps)
         return (x, k_cache, v_cache), None
 
     layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
@@ -135,4 +175,7 @@ def forward(params: ModelWeights, cache: KVCache, tokens: jax.Array, positions: 
     if not all_logits:
         x = x[jnp.arange(b), last_index]  # [B, D]
     x = rms_norm(x, params.norm, cfg.rms_eps)
-    return linear(x, params.head), KVCache(k_cache, v_cache)
+    logits = linear(x, params.head)
+    if cfg.final_logit_softcap is not None:  # c·tanh(logits / c) where the file sets c
+        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+    return logits, KVCache(k_cache, v_cache)

@@ -10,10 +10,10 @@ Layouts (chosen per model at load time):
   the dot runs int8 x int8 → int32 (see `_int8_linear` for the measurements). Agreement with
   `exact` is measured by benchmarks/bench_engine.py.
 - `packed`: each matrix stays as its GGUF blocks when the CPU kernel reads that type (Q4_0, Q4_1,
-  Q8_0; other types are re-quantized to Q8_0 at load) and `linear` runs `cpu_kernels.quant_matmul`,
-  llama.cpp's scheme: activations rounded to int8 per 32-block, integer dot per block, here twice
-  (value and residual, see PACKED_ACT_PLANES). Where the kernel is unavailable, or off the CPU
-  backend, it dequantizes and uses an XLA dot instead.
+  Q8_0; others are re-encoded at load, without loss where the formats allow: `reencode`) and
+  `linear` runs `cpu_kernels.quant_matmul`, llama.cpp's scheme: activations rounded to int8
+  per 32-block, integer dot per block, here twice (value and residual, see PACKED_ACT_PLANES).
+  Where the kernel is unavailable, or off the CPU backend, it dequantizes and uses an XLA dot.
 
 `linear` is the single place that knows the formats: layer code never branches on them.
 """
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import cpu_kernels, quants
+from . import cpu_kernels, quants, reencode
 from .config import ModelConfig
+from .errors import ShapeMismatchError
 from .gguf_io import GGUFFile
 from .quants import QuantArray
 
@@ -220,8 +221,10 @@ class LayerWeights:
     bq: jax.Array | None = None  # [H*K]  q/k/v biases (cfg.qkv_bias: qwen2)
     bk: jax.Array | None = None  # [G*K]
     bv: jax.Array | None = None  # [G*K]
-    q_norm: jax.Array | None = None  # [K]  per-head RMSNorm weights (cfg.qk_norm: qwen3)
+    q_norm: jax.Array | None = None  # [K]  per-head RMSNorm weights (cfg.qk_norm: qwen3, gemma3)
     k_norm: jax.Array | None = None  # [K]
+    post_attn_norm: jax.Array | None = None  # [D]  sub-block output norms (cfg.post_norms: gemma3)
+    post_ffn_norm: jax.Array | None = None  # [D]
 
 
 @jax.tree_util.register_dataclass
@@ -252,6 +255,8 @@ OPTIONAL_VECTORS: dict[str, str] = {
     "bv": "attn_v.bias",
     "q_norm": "attn_q_norm.weight",
     "k_norm": "attn_k_norm.weight",
+    "post_attn_norm": "post_attention_norm.weight",
+    "post_ffn_norm": "post_ffw_norm.weight",
 }
 
 
@@ -265,6 +270,8 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
     if cfg.qk_norm:
         shapes.update(q_norm=(cfg.head_dim,), k_norm=(cfg.head_dim,))
+    if cfg.post_norms:
+        shapes.update(post_attn_norm=(d,), post_ffn_norm=(d,))
     return shapes
 
 
@@ -290,8 +297,27 @@ def check_tensors(f: GGUFFile, cfg: ModelConfig) -> None:
     if not cfg.tied_embeddings:
         names.append(("output.weight", (cfg.vocab_size, cfg.d_model)))
     for name, shape in names:
-        info = f.expect_shape(name, shape)
+        try:
+            info = f.expect_shape(name, shape)
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(
+                f"{e.message}: {_dims_legend(f, cfg)}. The tensor and the metadata disagree: "
+                "the file is damaged, or was converted for another variant of the "
+                f"architecture", param=name) from None
         quants.check_supported(info.qtype, tensor=name, file=str(f.path))
+
+
+def _dims_legend(f: GGUFFile, cfg: ModelConfig) -> str:
+    """Where the expected shapes come from: each dimension and the metadata keys behind it."""
+    a = f.arch
+    k = f"{a}.attention.key_length"
+    return "; ".join([
+        f"width D = {cfg.d_model} ({a}.embedding_length)",
+        f"q rows H*K = {cfg.n_heads} x {cfg.head_dim} ({a}.attention.head_count x {k})",
+        f"k/v rows G*K = {cfg.n_kv_heads} x {cfg.head_dim} ({a}.attention.head_count_kv x {k})",
+        f"head dim K = {cfg.head_dim} ({k}, else D / H)",
+        f"FFN F = {cfg.d_ff} ({a}.feed_forward_length)",
+        f"vocabulary V = {cfg.vocab_size} ({a}.vocab_size, else token_embd.weight's rows)"])
 
 
 # --- conversion to a layout -------------------------------------------------------------------
@@ -316,15 +342,13 @@ def _to_int8(w: jax.Array, planes: int) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate(qs, axis=-2), jnp.concatenate(scales, axis=-1)
 
 
-# Tensors kept with two int8 planes in `fast`. Teacher-forced top-1 agreement with `exact` over
-# 502 positions (benchmarks/bench_engine.py's text, SmolLM2): one plane everywhere 95.4 %; two for
-# the head 97.4 %; also for attn_output and ffn_down 98.2 %; two planes everywhere 100 %.
+# Kept with two int8 planes in `fast` in every architecture: the embedding / head, whose error
+# shows most in the logits. Which layer matrices also get two: ModelConfig.fast_two_plane.
 TWO_PLANE_TENSORS = ("token_embd.weight", "output.weight")
-TWO_PLANE_LAYER_TENSORS = ("attn_output", "ffn_down")
 
 
-def planes_for(name: str) -> int:
-    two = name in TWO_PLANE_TENSORS or name.split(".")[-2] in TWO_PLANE_LAYER_TENSORS
+def planes_for(name: str, cfg: ModelConfig) -> int:
+    two = name in TWO_PLANE_TENSORS or name.split(".")[-2] in cfg.fast_two_plane
     return 2 if two else 1
 
 
@@ -336,28 +360,28 @@ def planes_for(name: str) -> int:
 PACKED_ACT_PLANES = 2
 
 
-def _packed(f: GGUFFile, name: str, *, uniform: bool = True) -> PackedMatrix:
-    """The tensor's own blocks when the kernel reads them, else its values re-quantized to Q8_0
-    (always Q8_0 where the layers disagree on the type, `uniform` False, so that they stack)."""
+def _packed(f: GGUFFile, name: str, layer_types: set[QT] | None = None) -> PackedMatrix:
+    """The tensor as blocks the kernel reads: its own where it can, else re-encoded without loss
+    where the formats allow (`reencode`: Q4_0/Q5_0 → Q8_0, Q4_K → Q4_1), else its values
+    re-quantized to Q8_0. `layer_types`: the types of this tensor across the layers, which must
+    all become one type to stack (default: this tensor's own)."""
     info = f.tensor(name)
-    planes = PACKED_ACT_PLANES
-    n_rows = info.shape[0]
-    if uniform and info.qtype in cpu_kernels.KERNEL_TYPES:
-        tiles = cpu_kernels.interleave(np.asarray(f.raw(name)), info.qtype)
-        return PackedMatrix(jnp.asarray(tiles), info.qtype, n_rows, info.n_cols, planes)
-    values = np.asarray(_dequantize_f32(f, name))
-    q8 = gguf.quants.quantize(values, QT.Q8_0)  # uint8 [O, row_bytes]
-    tiles = cpu_kernels.interleave(q8, QT.Q8_0)
-    return PackedMatrix(jnp.asarray(tiles), QT.Q8_0, n_rows, info.n_cols, planes)
+    target, exact = reencode.kernel_type(layer_types or {info.qtype})
+    if exact:
+        rows = reencode.reencode(np.asarray(f.raw(name)), info.qtype, target)
+    else:
+        rows = gguf.quants.quantize(np.asarray(_dequantize_f32(f, name)), QT.Q8_0)
+    tiles = cpu_kernels.interleave(rows, target)
+    return PackedMatrix(jnp.asarray(tiles), target, info.shape[0], info.n_cols, PACKED_ACT_PLANES)
 
 
-def load_matrix(f: GGUFFile, name: str, layout: str) -> Matrix:
+def load_matrix(f: GGUFFile, name: str, layout: str, cfg: ModelConfig) -> Matrix:
     """One matrix of the file in the given layout, as device arrays."""
     info = f.tensor(name)
     if layout == "packed":
         return _packed(f, name)
     if layout == "fast":
-        planes = planes_for(name)
+        planes = planes_for(name, cfg)
         q, s = _to_int8(_dequantize_f32(f, name), planes)
         return Int8Matrix(q, s, planes)
     if info.qtype in (QT.F32, QT.F16, QT.BF16):
@@ -371,31 +395,29 @@ def load_vector(f: GGUFFile, name: str) -> jax.Array:
 
 
 def load_layer(f: GGUFFile, cfg: ModelConfig, layer: int, layout: str,
-               stack_types: dict[str, QT | None]) -> LayerWeights:
+               stack_types: dict[str, set[QT]]) -> LayerWeights:
     """Layer `layer` as device arrays. A field whose type differs between layers
-    (stack_types[field] is None) is expanded to f32 in `exact` and re-quantized to Q8_0 in
-    `packed`, so all layers can be stacked."""
+    (stack_types[field] holds several) is expanded to f32 in `exact` and made one kernel type in
+    `packed` (`_packed`), so all layers can be stacked."""
     parts: dict[str, Any] = {}
     for field in layer_shapes(cfg):
         name = tensor_name(field, layer)
         if field in NORMS or field in OPTIONAL_VECTORS:
             parts[field] = load_vector(f, name)
-        elif layout == "exact" and stack_types[field] is None:
+        elif layout == "exact" and len(stack_types[field]) > 1:
             parts[field] = _dequantize_f32(f, name)
-        elif layout == "packed" and stack_types[field] is None:
-            parts[field] = _packed(f, name, uniform=False)
+        elif layout == "packed":
+            parts[field] = _packed(f, name, stack_types[field])
         else:
-            parts[field] = load_matrix(f, name, layout)
+            parts[field] = load_matrix(f, name, layout, cfg)
     return LayerWeights(**parts)
 
 
-def stack_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, QT | None]:
-    """Per field, the tensor type shared by all layers, or None where layers differ."""
-    out: dict[str, QT | None] = {}
-    for field in LAYER_TENSORS:
-        kinds = {f.tensor(tensor_name(field, i)).qtype for i in range(cfg.n_layers)}
-        out[field] = kinds.pop() if len(kinds) == 1 else None
-    return out
+def stack_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, set[QT]]:
+    """Per field, the tensor types of its layers (one, unless the file mixes them: Q4_K_M files
+    take Q6_K for some layers' ffn_down and attn_v)."""
+    return {field: {f.tensor(tensor_name(field, i)).qtype for i in range(cfg.n_layers)}
+            for field in LAYER_TENSORS}
 
 
 def layer_at(layers: LayerWeights, layer: jax.Array) -> LayerWeights:
@@ -424,8 +446,8 @@ def load_globals(f: GGUFFile, cfg: ModelConfig, layout: str) -> dict[str, Any]:
         embed: Matrix = _dequantize_f32(f, "token_embd.weight")
         head = embed if cfg.tied_embeddings else _dequantize_f32(f, "output.weight")
     else:
-        embed = load_matrix(f, "token_embd.weight", layout)
-        head = embed if cfg.tied_embeddings else load_matrix(f, "output.weight", layout)
+        embed = load_matrix(f, "token_embd.weight", layout, cfg)
+        head = embed if cfg.tied_embeddings else load_matrix(f, "output.weight", layout, cfg)
     return {"embed": embed, "norm": load_vector(f, "output_norm.weight"), "head": head}
 
 

@@ -310,7 +310,7 @@ def test_tiny_model_runs_in_packed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     layers = packed.params.layers
     assert isinstance(layers.wq, PackedMatrix) and layers.wq.qtype == QT.Q8_0  # kept as is
     assert layers.wk.qtype == QT.Q4_0 and layers.wv.qtype == QT.Q4_1  # kept as is
-    assert layers.wo.qtype == QT.Q8_0  # Q5_0 re-quantized
+    assert layers.wo.qtype == QT.Q8_0  # Q5_0 re-encoded, without loss (reencode)
     assert {layers.wq.act_planes, layers.w_up.act_planes, packed.params.head.act_planes} == {
         weights.PACKED_ACT_PLANES}
     assert layers.w_up.qtype == QT.Q8_0  # Q8_0 / Q4_1 in different layers: re-quantized
@@ -324,10 +324,11 @@ def test_tiny_model_runs_in_packed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert float(np.mean(err)) < 0.05 * spread, (float(np.mean(err)), spread)
     assert float(np.mean(np.argmax(lp, -1) == np.argmax(le, -1))) >= 0.9
     # decode continues the prefilled sequence as a longer prefill does (up to the XLA ops around
-    # the kernel, which differ between the two shapes, over an f16 cache)
+    # the kernel, which differ between the two shapes, over an f16 cache: 1.3e-3 at most seen on
+    # an AVX2-only machine, where XLA fuses those ops otherwise)
     step = packed.decode_step([0], [ids[-1]], [len(ids)])[0]
     again = packed.prefill(1, [*ids, ids[-1]], 0)
-    np.testing.assert_allclose(step, again, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(step, again, rtol=1e-3, atol=3e-3)
 
 
 # ================================================================ the build

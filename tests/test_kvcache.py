@@ -8,6 +8,7 @@ across a page boundary, across a pool growth, and with two sequences whose pages
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -134,8 +135,8 @@ def tiny_engine(path: Path, layout: str = "exact", **kw: int) -> Engine:
     g = load_globals(f, cfg, layout)
     params = ModelWeights(embed=g["embed"], layers=stack_layers(layers), norm=g["norm"],
                           head=g["head"])
-    kw = {"n_slots": 2, "max_context": 256, **kw}
-    return Engine(cfg, params, kv_dtype=kv_dtype_for(layout), **kw)
+    sizes: dict[str, Any] = {"n_slots": 2, "max_context": 256, **kw}
+    return Engine(cfg, params, kv_dtype=kv_dtype_for(layout), **sizes)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ LAYERS: dict[str, set[str]] = {
     # request/result types and their limits, the cache folder). Imports nothing else of ours.
     "common": {"errors", "types", "paths", "limits"},
     # DESIGN.md "format": reading GGUF, block formats, vocab, chat templates (jinja2).
-    # chat_template: the sandboxed jinja2 renderer the tokenizer uses (next to tokenizer).
-    "format": {"gguf_io", "quants", "tokenizer", "chat_template"},
+    # chat_template: the sandboxed jinja2 renderer the tokenizer uses (next to tokenizer);
+    # reencode: GGUF blocks re-encoded as the types the CPU kernel reads (next to quants).
+    "format": {"gguf_io", "quants", "reencode", "tokenizer", "chat_template"},
     # DESIGN.md "model": pure JAX. cpu_kernels: the quantized matmul (XLA FFI) that `weights`
     # calls inside the jitted step; kvcache is a DESIGN.md row too.
     # mesh: the rules table (logical axes -> mesh axes); placement: the weights and KV pool

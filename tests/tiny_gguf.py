@@ -4,8 +4,8 @@
 a gpt2-style byte-level BPE vocabulary (256 byte tokens, a few merges, control tokens). It returns
 the float weights as `gguf.quants.dequantize` expands them: the reference a numpy forward uses.
 `write_tiny_spm` writes the same model with a SentencePiece (`llama`) vocabulary instead.
-`write_tiny_arch` writes it as another architecture of the llama family (qwen2, qwen3, Llama 3),
-with that architecture's extra tensors (`ARCH_TENSORS`) and metadata keys.
+`write_tiny_arch` writes it as another architecture of the llama family (qwen2, qwen3, Llama 3,
+gemma3), with that architecture's extra tensors (`ARCH_TENSORS`) and metadata keys.
 
 Shapes are numpy order (rows first), as `gguf_io.TensorInfo.shape`; GGUF stores them reversed.
 """
@@ -158,10 +158,11 @@ class TinyModel:
 
 
 def _tensor_plan(vocab_size: int, tied: bool, rng: np.random.Generator,
-                 head_dim: int = HEAD_DIM) -> dict[str, tuple[np.ndarray, QT]]:
+                 head_dim: int = HEAD_DIM, n_layers: int = N_LAYERS
+                 ) -> dict[str, tuple[np.ndarray, QT]]:
     plan: dict[str, tuple[np.ndarray, QT]] = {}
     shapes = layer_shapes(head_dim)
-    for layer in range(N_LAYERS):
+    for layer in range(n_layers):
         for short, shape in shapes.items():
             name = f"blk.{layer}.{short}.weight"
             if short.endswith("_norm"):
@@ -170,7 +171,7 @@ def _tensor_plan(vocab_size: int, tied: bool, rng: np.random.Generator,
             else:
                 std = 1.5 / np.sqrt(shape[-1])  # fan-in
                 plan[name] = ((std * rng.standard_normal(shape)).astype(np.float32),
-                              LAYER_TYPES[short][layer])
+                              LAYER_TYPES[short][layer % 2])
     plan["token_embd.weight"] = (rng.standard_normal((vocab_size, D_MODEL)).astype(np.float32),
                                  QT.Q8_0)
     plan["output_norm.weight"] = ((1.0 + 0.1 * rng.standard_normal(D_MODEL)).astype(np.float32),
@@ -187,7 +188,8 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
                      metadata: Mapping[str, Any] | None = None,
                      chat_template: str | None = CHATML_TEMPLATE,
                      add_bos: bool | None = False, head_dim: int = HEAD_DIM,
-                     rope_base: float = ROPE_BASE, pre: str = "default") -> TinyModel:
+                     rope_base: float = ROPE_BASE, pre: str = "default",
+                     n_layers: int = N_LAYERS) -> TinyModel:
     """Write a tiny llama GGUF file; return its path, vocabulary and dequantized float weights.
 
     Args:
@@ -196,22 +198,24 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
         is planned; a uint8 array is written as raw block bytes [rows, row_bytes] of that type
         (no quantization).
       metadata: extra or overriding {arch}.* keys, as {key without the arch prefix: value}; an
-        int is written as uint32, a float as float32, a str as a string.
+        int is written as uint32, a float as float32, a str as a string, a bool as a bool, a
+        list as an array.
       add_bos: tokenizer.ggml.add_bos_token, or None to leave the key out (the kind's default).
       head_dim: K; where it is not D / H the file says so in {arch}.attention.key_length.
       pre: tokenizer.ggml.pre of a gpt2 vocabulary.
+      n_layers: L (layer l's tensors take LAYER_TYPES' types of layer l % 2).
     """
     path = Path(path)
     vocab = vocab or gpt2_vocab()
     rng = np.random.default_rng(seed)
-    plan = _tensor_plan(len(vocab.tokens), tied, rng, head_dim)
+    plan = _tensor_plan(len(vocab.tokens), tied, rng, head_dim, n_layers)
     plan.update(replace or {})
     for name in omit:
         plan.pop(name)
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
-    w.add_block_count(N_LAYERS)
+    w.add_block_count(n_layers)
     w.add_context_length(CONTEXT)
     w.add_embedding_length(D_MODEL)
     w.add_feed_forward_length(D_FF)
@@ -225,6 +229,10 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
     for key, value in (metadata or {}).items():
         if isinstance(value, str):
             w.add_string(f"{arch}.{key}", value)
+        elif isinstance(value, bool):
+            w.add_bool(f"{arch}.{key}", value)
+        elif isinstance(value, list):
+            w.add_array(f"{arch}.{key}", value)
         elif isinstance(value, float):
             w.add_float32(f"{arch}.{key}", value)
         else:
@@ -278,21 +286,26 @@ def write_tiny_spm(path: str | Path, *, seed: int = 0) -> TinyModel:
 # --- other architectures of the llama family ---------------------------------------------------
 
 # The tensors each architecture adds to every layer, as llama.cpp's converter names them
-# (gguf.constants.MODEL_TENSORS): qwen2's q/k/v biases, qwen3's per-head q/k RMSNorm weights.
+# (gguf.constants.MODEL_TENSORS): qwen2's q/k/v biases, qwen3's per-head q/k RMSNorm weights,
+# gemma3's q/k norms and the norms of the attention and FFN outputs.
 ARCH_TENSORS: dict[str, tuple[str, ...]] = {
     "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
     "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
+    "gemma3": ("attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
+               "post_ffw_norm.weight"),
 }
 QWEN_ROPE_BASE = 1000000.0  # what Qwen 2.5 / 3 files say in {arch}.rope.freq_base
 
 
-def arch_tensors(arch: str, head_dim: int, rng: np.random.Generator,
+def arch_tensors(arch: str, head_dim: int, rng: np.random.Generator, n_layers: int = N_LAYERS,
                  ) -> dict[str, tuple[np.ndarray, QT]]:
-    """Random f32 extra tensors of `arch` for every layer (biases ~0.5, norm weights ~1)."""
+    """Random f32 extra tensors of `arch` for every layer (biases ~0.5, norm weights ~1: a
+    gemma3 file's norm weights are 1 + w, as llama.cpp's converter stores Gemma's w)."""
     width = {"attn_q": N_HEADS * head_dim, "attn_k": N_KV_HEADS * head_dim,
-             "attn_v": N_KV_HEADS * head_dim, "attn_q_norm": head_dim, "attn_k_norm": head_dim}
+             "attn_v": N_KV_HEADS * head_dim, "attn_q_norm": head_dim, "attn_k_norm": head_dim,
+             "post_attention_norm": D_MODEL, "post_ffw_norm": D_MODEL}
     out: dict[str, tuple[np.ndarray, QT]] = {}
-    for layer in range(N_LAYERS):
+    for layer in range(n_layers):
         for short in ARCH_TENSORS.get(arch, ()):
             base, kind = short.rsplit(".", 1)
             noise = rng.standard_normal(width[base])
@@ -305,13 +318,17 @@ def write_tiny_arch(path: str | Path, arch: str, *, seed: int = 0, tied: bool = 
                     head_dim: int = HEAD_DIM, rope_base: float = ROPE_BASE,
                     pre: str = "default",
                     extra: Mapping[str, tuple[np.ndarray, QT]] | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> TinyModel:
+                    metadata: Mapping[str, Any] | None = None, vocab: Vocab | None = None,
+                    add_bos: bool | None = False, n_layers: int = N_LAYERS) -> TinyModel:
     """The tiny llama written as `arch` (general.architecture and {arch}.* keys), with that
     architecture's extra tensors (ARCH_TENSORS) and any `extra` ones (e.g. rope_freqs.weight)."""
-    tensors = arch_tensors(arch, head_dim, np.random.default_rng(seed + 1000))
+    tensors = arch_tensors(arch, head_dim, np.random.default_rng(seed + 1000), n_layers)
     tensors.update(extra or {})
+    chat = CHATML_TEMPLATE if vocab is None or vocab.model == "gpt2" else None
     return write_tiny_llama(path, seed=seed, tied=tied, arch=arch, replace=tensors,
-                            metadata=metadata, head_dim=head_dim, rope_base=rope_base, pre=pre)
+                            metadata=metadata, head_dim=head_dim, rope_base=rope_base, pre=pre,
+                            vocab=vocab, chat_template=chat, add_bos=add_bos,
+                            n_layers=n_layers)
 
 
 # --- small and damaged files (loader and fuzz tests) -------------------------------------------
