@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from realm_nb.cli import build_parser, main
-from realm_nb.errors import InvalidRequestError
+from realm_nb.errors import InvalidRequestError, RealmError, ReplicaLostError
 
 # Before Ray is imported: a local cluster names its node 127.0.0.1, so that all its traffic
 # stays on loopback (else Ray picks the machine's outward address).
@@ -223,7 +223,7 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
     home = {t: complete(cluster, k, t)[1] for k, t in KEYS.items()}
     victim = home["ann"]
     outcome: dict[tuple[str, str], Any] = {}
-    streaming = threading.Barrier(len(KEYS) + 1, timeout=120)
+    streaming = threading.Barrier(2 * len(KEYS) + 1, timeout=120)  # both streams of each tenant
 
     def long_stream(key: str, tenant: str) -> None:
         text, first = "", True
@@ -239,6 +239,21 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
         except openai.APIError as e:
             outcome[tenant, "stream"] = (e, text)
 
+    def long_sdk(key: str, tenant: str) -> None:
+        from realm_nb import Realm
+
+        text, first = "", True
+        try:
+            for piece in Realm(mode="server", endpoint=cluster, api_key=key).generate(
+                    PROMPTS[tenant], max_tokens=LONG, temperature=0, stream=True):
+                text += piece
+                if first and text:
+                    first = False
+                    streaming.wait()
+            outcome[tenant, "sdk"] = text
+        except RealmError as e:
+            outcome[tenant, "sdk"] = (e, text)
+
     def long_whole(key: str, tenant: str) -> None:
         try:
             outcome[tenant, "whole"] = client(cluster, key).completions.create(
@@ -248,14 +263,14 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
             outcome[tenant, "whole"] = e
 
     threads = [threading.Thread(target=fn, args=kt) for kt in KEYS.items()
-               for fn in (long_whole, long_stream)]
+               for fn in (long_whole, long_stream, long_sdk)]
     for t in threads:
         t.start()
     streaming.wait()
     for key, tenant in KEYS.items():  # each whole request is running on its replica too
         deadline = time.monotonic() + 60
         while len(httpx.get(cluster + "/v1/requests", headers={"Authorization": f"Bearer {key}"},
-                            timeout=30).json()["data"]) < 2:
+                            timeout=30).json()["data"]) < 3:
             assert time.monotonic() < deadline, f"{tenant}'s requests did not both start"
             time.sleep(0.05)
     ray.kill(ray.get_actor(replica_actor_name(victim), namespace="serve"), no_restart=True)
@@ -264,7 +279,7 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
     assert not any(t.is_alive() for t in threads)
 
     for tenant in KEYS.values():
-        whole, streamed = outcome[tenant, "whole"], outcome[tenant, "stream"]
+        whole, streamed, sdk = (outcome[tenant, k] for k in ("whole", "stream", "sdk"))
         if home[tenant] == victim:
             assert isinstance(whole, openai.APIStatusError) and whole.status_code == 503
             assert whole.body["code"] == "replica_lost", whole.body  # type: ignore[index]
@@ -272,9 +287,11 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
             assert text and isinstance(error, openai.APIError)  # it had streamed, then lost
             assert error.body["code"] == "replica_lost"  # type: ignore[index]
             assert "retry" in error.message
+            error, text = sdk  # the SDK raises the same class the server named
+            assert text and isinstance(error, ReplicaLostError)
         else:  # the other replica's tenants never noticed
             assert isinstance(whole, str) and whole.startswith(golden[tenant])
-            assert isinstance(streamed, str) and streamed == whole
+            assert streamed == whole and sdk == whole
 
     text, replica = complete(cluster, "sk-ann", "ann")  # the lost tenant, once more
     assert text == golden["ann"] and replica != victim

@@ -26,6 +26,9 @@ The parts, each a module:
   auth           keys → tenants and roles, limits, the gate middleware
   metrics        Prometheus metrics of one app
   serve          `realm-nb serve`, and `BackgroundServer` for tests and notebooks
+  ray_app        `realm-nb serve --ray`: runtime replicas and an ingress under Ray Serve
+  ray_routing    which replica answers: the tenant's own, while it lives (a Serve request router)
+  ray_bridge     HTTP across a Serve handle as ASGI messages; a lost replica's error bodies
 
 Imports are lazy, so `realm-nb keys` (which needs `auth` only) loads no FastAPI app.
 """
