@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InvalidRequestError, MissingExtraError
+from .. import catalogue
+from ..errors import InvalidRequestError, MissingExtraError, RealmError
 from .auth import KeyConfig, KeyTable, error_response, load_keys
 from .ray_bridge import WireRequest, asgi_messages, on_disconnect, read_body, relay
 from .serve import app_from_args, limits_from_args
@@ -54,6 +55,9 @@ INGRESS = "Ingress"
 # queue_full) by itself, and a tenant's request must wait for *its* replica, never move.
 RUNTIME_MAX_ONGOING = 1024
 INGRESS_MAX_ONGOING = 4096  # every request in flight passes the one ingress replica
+# How long a replica being stopped (scaled down, redeployed) may finish what it runs; past it the
+# rest fail as replica_lost. Serve's default, 20 s, is shorter than a long generation.
+DRAIN_ON_STOP_S = 120.0
 FIXED_MODEL_PATHS = ("/v1/models/load", "/v1/models/unload")
 # The `serve` flags a replica's app is built from (the rest are the deployment's).
 APP_FLAGS = ("models", "weights", "mesh", "lazy", "models_dir", "max_body_bytes", "allowed_host")
@@ -211,7 +215,8 @@ def build_application(args: argparse.Namespace, keys: dict[str, KeyConfig] | Non
     runtime = serve.deployment(
         name=RUNTIME, max_ongoing_requests=RUNTIME_MAX_ONGOING,
         ray_actor_options={"num_cpus": args.replica_cpus},
-        request_router_config={"request_router_class": TenantRouter}, **scale)(Runtime)
+        request_router_config={"request_router_class": TenantRouter},
+        graceful_shutdown_timeout_s=DRAIN_ON_STOP_S, **scale)(Runtime)
     ingress = serve.deployment(
         name=INGRESS, num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0})(serve.ingress()(Ingress))
@@ -225,8 +230,26 @@ def deploy(args: argparse.Namespace, keys: dict[str, KeyConfig] | None) -> str:
     from ray import serve
 
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_application(args, keys), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_application(args, keys), name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:  # Serve's word for "the replicas did not start" (DEPLOY_FAILED)
+        raise RealmError(
+            f"Ray Serve could not start the realm-nb replicas ({str(e).rstrip('.')}): "
+            f"{_failure_of(serve)}; each replica's log is in the Ray session's logs/serve/ "
+            "folder (on this machine: /tmp/ray/session_latest/logs/serve/)") from None
     return f"http://{args.host}:{args.port}"
+
+
+def _failure_of(serve: Any) -> str:
+    """The last line of what Serve recorded about the failed deployments (the replica
+    constructor's exception, e.g. a model that does not exist), or a pointer to the logs."""
+    with contextlib.suppress(Exception):
+        app = serve.status().applications[APP_NAME]
+        for name, d in app.deployments.items():
+            lines = [ln.strip() for ln in str(d.message).splitlines() if ln.strip()]
+            if lines and str(d.status) != "HEALTHY":
+                return f"{name}: {lines[-1]}"
+    return "see the replicas' logs"
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
@@ -254,7 +277,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         url = deploy(args, keys)
         count = (f"{args.replicas or 1} replica(s)" if args.min_replicas is None else
                  f"{args.min_replicas}..{args.max_replicas} replicas, autoscaled")
-        print(f"realm-nb: serving {', '.join(args.models or ['the default model'])} at "
+        print(f"realm-nb: serving {', '.join(args.models or [catalogue.DEFAULT_MODEL])} at "
               f"{url}/v1 on Ray Serve ({count}, tenants sticky to one replica each)",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
