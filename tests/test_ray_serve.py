@@ -28,8 +28,9 @@ from realm_nb.cli import build_parser, main
 from realm_nb.errors import InvalidRequestError, RealmError, ReplicaLostError
 
 # Before Ray is imported: a local cluster names its node 127.0.0.1, so that all its traffic
-# stays on loopback (else Ray picks the machine's outward address).
+# stays on loopback (else Ray picks the machine's outward address), and it reports no usage.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 MODEL = "smollm2-135m"

@@ -256,6 +256,8 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     """`realm-nb serve --ray`: start (or join, --ray-address) a Ray cluster, deploy, serve until
     interrupted (or the --parent-pid owner is gone), then take the application down."""
     local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
+    if local:  # a cluster this command starts and ends: it reports nothing to anyone
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if local and _is_loopback(args.host):
         # Ray names a node by the machine's outward address unless told otherwise; a server on
         # loopback should start a cluster that stays on loopback too.
