@@ -86,6 +86,19 @@ def test_bad_ray_flags_fail_before_anything_starts(argv: list[str], param: str) 
     assert e.value.details["param"] == param
 
 
+def test_a_local_cluster_must_hold_the_first_replicas() -> None:
+    from realm_nb.server.ray_app import check_capacity
+
+    def args(*argv: str):
+        return build_parser().parse_args(["serve", "--ray", *argv])
+
+    check_capacity(args("--replicas", "2"), cpus=2)
+    check_capacity(args("--replicas", "4", "--replica-cpus", "0.5"), cpus=2)
+    check_capacity(args("--min-replicas", "0", "--max-replicas", "8"), cpus=2)  # 1 at first
+    with pytest.raises(InvalidRequestError, match="need more CPUs"):
+        check_capacity(args("--replicas", "3"), cpus=2)  # Serve would wait for ever
+
+
 def test_tenant_for_reads_the_tenant_as_the_gate_does() -> None:
     need_ray()
     from realm_nb.server.auth import KeyConfig, KeyTable, hash_key

@@ -194,6 +194,18 @@ def check_ray_flags(args: argparse.Namespace) -> None:
                                   param="replicas")
 
 
+def check_capacity(args: argparse.Namespace, cpus: float) -> None:
+    """The replicas to start fit the CPUs of a cluster that cannot grow (the one this command
+    starts): else Serve would wait for a replica that never gets placed, and so would we."""
+    first = args.replicas or max(args.min_replicas or 1, 1)
+    if first * args.replica_cpus > cpus:
+        raise InvalidRequestError(
+            f"{first} replica(s) x --replica-cpus {args.replica_cpus:g} need more CPUs than "
+            f"this machine's Ray cluster has ({cpus:g}): start fewer replicas, give a smaller "
+            "--replica-cpus (a share: e.g. 0.5), or join a larger cluster with --ray-address",
+            param="replicas")
+
+
 def build_application(args: argparse.Namespace, keys: dict[str, KeyConfig] | None) -> Any:
     """The Ray Serve application of `realm-nb serve --ray` (Runtime replicas behind Ingress)."""
     require_ray()
@@ -276,6 +288,8 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if local:
+            check_capacity(args, float(ray.cluster_resources().get("CPU", 0)))
         url = deploy(args, keys)
         count = (f"{args.replicas or 1} replica(s)" if args.min_replicas is None else
                  f"{args.min_replicas}..{args.max_replicas} replicas, autoscaled")
