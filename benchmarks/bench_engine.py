@@ -22,8 +22,21 @@ import numpy as np
 from realm_nb.engine import Engine
 from realm_nb.store import LayerStore
 
-# llama.cpp through llama-cpp-python, 2 threads, SmolLM2 Q4_1 (../shared/FACTS.md)
-REFERENCE = {"decode_tok_s": 149.0, "prefill_tok_s": 453.0, "ttft_ms": 17.0}
+# llama.cpp, 2 threads (../shared/FACTS.md): SmolLM2 Q4_1 through llama-cpp-python; Gemma 3 270M
+# Q4_K_M with native llama-bench (FACTS.md gives no first-token figure for it).
+REFERENCES: dict[str, dict[str, float | None]] = {
+    "smollm2-135m": {"decode_tok_s": 149.0, "prefill_tok_s": 453.0, "ttft_ms": 17.0},
+    "gemma3-270m": {"decode_tok_s": 95.0, "prefill_tok_s": 995.0, "ttft_ms": None},
+}
+NO_REFERENCE: dict[str, float | None] = {"decode_tok_s": None, "prefill_tok_s": None,
+                                         "ttft_ms": None}
+
+
+def ratio(ours: float, theirs: float | None, *, lower_is_better: bool = False) -> str:
+    """ours/theirs (or theirs/ours for times), '-' without a reference figure."""
+    if theirs is None:
+        return "-"
+    return f"{(theirs / ours if lower_is_better else ours / theirs):.2f}"
 
 # A fixed text for teacher forcing: plain prose on several topics (written for this benchmark).
 TEXT = """\
@@ -135,14 +148,15 @@ def main() -> None:
     print(f"\nmodel {args.model}; single stream; medians of {args.repeat} runs")
     print(f"{'layout':8} {'decode tok/s':>13} {'x llama.cpp':>12} {'prefill128 tok/s':>17} "
           f"{'x llama.cpp':>12} {'TTFT ms':>8} {'x llama.cpp':>12}")
-    ref = REFERENCE
+    ref = REFERENCES.get(args.model, NO_REFERENCE)
     for layout, r in rows.items():
-        dec = r['decode_tok_s']
-        print(f"{layout:8} {dec:13.1f} {dec / ref['decode_tok_s']:12.2f} "
-              f"{r['prefill_tok_s']:17.1f} {r['prefill_tok_s'] / ref['prefill_tok_s']:12.2f} "
-              f"{r['ttft_ms']:8.1f} {ref['ttft_ms'] / r['ttft_ms']:12.2f}")
-    print(f"{'llama.cpp':8} {ref['decode_tok_s']:13.1f} {'':12} {ref['prefill_tok_s']:17.1f}"
-          f" {'':12} {ref['ttft_ms']:8.1f}   (FACTS.md, not re-measured here)")
+        dec, pre, ttft = r["decode_tok_s"], r["prefill_tok_s"], r["ttft_ms"]
+        print(f"{layout:8} {dec:13.1f} {ratio(dec, ref['decode_tok_s']):>12} "
+              f"{pre:17.1f} {ratio(pre, ref['prefill_tok_s']):>12} "
+              f"{ttft:8.1f} {ratio(ttft, ref['ttft_ms'], lower_is_better=True):>12}")
+    cells = [("-" if v is None else f"{v:.1f}") for v in ref.values()]
+    print(f"{'llama.cpp':8} {cells[0]:>13} {'':12} {cells[1]:>17} {'':12} {cells[2]:>8}"
+          "   (FACTS.md, not re-measured here)")
 
     for name in ("fast", "fast decode", "packed", "packed decode"):
         exact, fast = logprobs["exact"], logprobs[name]

@@ -39,6 +39,9 @@ class ArchSpec:
       says otherwise (the global layers take `{arch}.rope.freq_base`).
     fast_two_plane: the layer matrices (GGUF short names) that the `fast` layout keeps in two
       int8 planes (weights.planes_for); the head always has two.
+    fused_qkv, fused_gate_up: q/k/v are stored as one `attn_qkv` (rows q, then k, then v) and
+      gate/up as one `ffn_up` (rows gate, then up: llama.cpp's swiglu of the halves), read as
+      views of their rows (GGUFFile.split_rows) so the forward and the layouts never see them.
     """
 
     family: str  # the name ModelConfig.arch reports
@@ -53,6 +56,8 @@ class ArchSpec:
     # SmolLM2, teacher-forced top-1 against `exact` over 502 positions: the head alone 97.4 %,
     # also attn_output and ffn_down 98.2 %, every matrix 100 % (benchmarks/bench_engine.py).
     fast_two_plane: tuple[str, ...] = ("attn_output", "ffn_down")
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
 
 # GGUF `general.architecture` values that run on the llama-family forward in model.py.
@@ -72,6 +77,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                        post_norms=True, scale_embeddings=True, swa_period=6,
                        fast_two_plane=("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
                                        "ffn_up", "ffn_down")),
+    # Phi-3 / 3.5: llama blocks with fused q/k/v and gate/up, NEOX rope and, in the 128k files,
+    # LongRoPE (config.longrope). llama.cpp leaves Phi-3's sliding window off ("Phi SWA is
+    # currently disabled"), and so does realm-nb.
+    "phi3": ArchSpec("phi3", rope_style="halves", fused_qkv=True, fused_gate_up=True),
 }
 
 # Gemma 3 27B scales queries by (D / H)^-1/2 rather than K^-1/2 (its query_pre_attn_scalar,
@@ -91,7 +100,7 @@ MAX_HEADS = 1 << 12
 MAX_FFN = 1 << 20
 MAX_VOCAB = 1 << 24  # the host ABI's bound on vocab_size (abi.validate)
 MAX_CONTEXT = 1 << 30
-TENSORS_PER_LAYER = 9  # attn_norm, attn_q/k/v/output, ffn_norm, ffn_gate/up/down
+TENSORS_PER_LAYER = 6  # at least: attn_norm, attn_qkv/output, ffn_norm, ffn_up/down (Phi-3's)
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class ModelConfig:
     # Divisors of RoPE's K/2 inverse frequencies (Llama 3 scaling, linear scaling), or None;
     # with a sliding window, of the global layers' frequencies only (as llama.cpp scales them).
     rope_freq_factors: tuple[float, ...] | None = None
+    rope_attn_factor: float | None = None  # cos and sin x this (Phi-3 LongRoPE), or None
     ffn_act: str = "silu"  # "silu" | "gelu_tanh" (ArchSpec)
     post_norms: bool = False
     embed_scale: float | None = None  # embeddings x this (Gemma: √D), or None
@@ -182,6 +192,11 @@ class ModelConfig:
                 f"tokens, more than the model's {vocab} (token_embd.weight rows or "
                 f"{key('vocab_size')}); the file is damaged or was assembled from mismatched "
                 "parts", param="tokenizer.ggml.tokens")
+        d_ff = f.get_int(key("feed_forward_length"), lo=1, hi=MAX_FFN)
+        split_fused_tensors(f, spec, n_layers, q_rows=n_heads * head_dim,
+                            kv_rows=n_kv * head_dim, d_ff=d_ff)
+        context = f.get_int(key("context_length"), 2048, lo=1, hi=MAX_CONTEXT)
+        freq_factors, attn_factor, context = longrope(f, arch, head_dim, context)
         sliding_window, local_layers = sliding_window_layers(f, arch, spec, n_layers)
         scale: float | None = None
         if spec.family == "gemma3":  # query_pre_attn_scalar: K, or D / H for the 27B
@@ -196,9 +211,9 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            d_ff=f.get_int(key("feed_forward_length"), lo=1, hi=MAX_FFN),
+            d_ff=d_ff,
             vocab_size=vocab,
-            context_length=f.get_int(key("context_length"), 2048, lo=1, hi=MAX_CONTEXT),
+            context_length=context,
             rope_base=rope_base,
             rms_eps=f.get_float(key("attention.layer_norm_rms_epsilon"), 1e-5, lo=1e-12,
                                 hi=1e-1),
@@ -206,7 +221,8 @@ class ModelConfig:
             rope_style=spec.rope_style,
             qkv_bias=spec.qkv_bias,
             qk_norm=spec.qk_norm,
-            rope_freq_factors=rope_freq_factors(f, arch, head_dim, rope_base),
+            rope_freq_factors=freq_factors or rope_freq_factors(f, arch, head_dim, rope_base),
+            rope_attn_factor=attn_factor,
             ffn_act=spec.ffn_act,
             fast_two_plane=spec.fast_two_plane,
             post_norms=spec.post_norms,
@@ -218,6 +234,56 @@ class ModelConfig:
             rope_base_local=(f.get_float(key("rope.freq_base_swa"), spec.rope_base_local,
                                          lo=1.0, hi=1e12) if sliding_window else None),
         )
+
+
+# ================================================================ fused tensors, LongRoPE
+
+
+def split_fused_tensors(f: GGUFFile, spec: ArchSpec, n_layers: int, *, q_rows: int,
+                        kv_rows: int, d_ff: int) -> None:
+    """Let each layer's q/k/v and gate/up be read by their own names where the architecture
+    stores them fused (ArchSpec.fused_qkv / fused_gate_up) and the file does so: a file with
+    the separate tensors is read as it is, as llama.cpp does."""
+    for layer in range(n_layers):
+        p = f"blk.{layer}."
+        if spec.fused_qkv and p + "attn_qkv.weight" in f.tensors:
+            f.split_rows(p + "attn_qkv.weight", [(p + "attn_q.weight", q_rows),
+                                                 (p + "attn_k.weight", kv_rows),
+                                                 (p + "attn_v.weight", kv_rows)])
+        if spec.fused_gate_up and p + "ffn_gate.weight" not in f.tensors:
+            f.split_rows(p + "ffn_up.weight", [(p + "ffn_gate.weight", d_ff),
+                                               (p + "ffn_up.weight", d_ff)])
+
+
+ROPE_FACTORS_SHORT = "rope_factors_short.weight"  # Phi-3 128k: LongRoPE, within the original
+ROPE_FACTORS_LONG = "rope_factors_long.weight"  # context and past it
+
+
+def longrope(f: GGUFFile, arch: str, head_dim: int, context: int
+             ) -> tuple[tuple[float, ...] | None, float | None, int]:
+    """LongRoPE (Phi-3 128k files): the short factors, the attention factor and the context.
+
+    The frequencies are divided by `rope_factors_short` while a sequence stays within
+    `{arch}.rope.scaling.original_context_length`, and by `rope_factors_long` past it (HF
+    Phi3LongRoPEScaledRotaryEmbedding; llama.cpp picks by its context size); cos and sin are
+    multiplied by `{arch}.rope.scaling.attn_factor`. realm-nb runs such a file within the
+    original context, with the short factors (its sequences are 2,048 positions by default):
+    the context it reports is capped there. Files without the tensors: (None, None, context).
+    """
+    if ROPE_FACTORS_SHORT not in f.tensors:
+        return None, None, context
+    half = head_dim // 2
+    info = f.expect_shape(ROPE_FACTORS_SHORT, (half,))
+    factors = np.asarray(gguf.quants.dequantize(np.asarray(f.raw(ROPE_FACTORS_SHORT)),
+                                                info.qtype), np.float64).reshape(half)
+    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+        raise GGUFFormatError(f"{f.path.name}: tensor {ROPE_FACTORS_SHORT!r} holds values that "
+                              "are not finite and positive; the file is damaged",
+                              param=ROPE_FACTORS_SHORT)
+    attn_factor = f.get_float(f"{arch}.rope.scaling.attn_factor", 1.0, lo=1e-3, hi=1e3)
+    original = f.get_int(f"{arch}.rope.scaling.original_context_length", context, lo=1,
+                         hi=MAX_CONTEXT)
+    return tuple(float(x) for x in factors), attn_factor, min(context, original)
 
 
 # ================================================================ sliding-window layers

@@ -104,6 +104,7 @@ class GGUFFile:
         self.tensors = tensors
         self.file_size = file_size
         self._mmap: np.memmap | None = None
+        self._row_views: dict[str, TensorInfo] = {}  # split_rows: parts of fused tensors
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class GGUFFile:
     # --- tensors ----------------------------------------------------------------------------
 
     def tensor(self, name: str) -> TensorInfo:
-        info = self.tensors.get(name)
+        info = self._row_views.get(name) or self.tensors.get(name)
         if info is None:
             raise MissingTensorError(
                 f"{self.path.name}: tensor {name!r} is missing (the file has "
@@ -186,6 +187,29 @@ class GGUFFile:
                 param=name,
             )
         return info
+
+    def split_rows(self, fused: str, parts: list[tuple[str, int]]) -> None:
+        """Make `parts` (name, rows) readable as tensors of their own: consecutive row ranges of
+        the 2-D tensor `fused`, first part first (Phi-3 stores q/k/v as one attn_qkv, gate and up
+        as one ffn_up). Rows are contiguous in the file, so each part is a view: no bytes move.
+        A part may take the fused tensor's own name (Phi-3's up half of ffn_up); `tensors`
+        keeps the file's table as it is."""
+        info = self.tensors.get(fused)
+        if info is None:
+            raise MissingTensorError(f"{self.path.name}: tensor {fused!r} is missing; the file "
+                                     "is incomplete or of another architecture", param=fused)
+        want = sum(rows for _, rows in parts)
+        if len(info.shape) != 2 or info.shape[0] != want:
+            raise ShapeMismatchError(
+                f"{self.path.name}: tensor {fused!r} has shape {list(info.shape)}; it should "
+                f"hold {' + '.join(f'{n} ({r} rows)' for n, r in parts)} = {want} rows of "
+                f"{info.n_cols}", param=fused)
+        row_bytes = info.n_bytes // info.shape[0]
+        start = 0
+        for name, rows in parts:
+            self._row_views[name] = TensorInfo(name, info.qtype, (rows, info.n_cols),
+                                               info.offset + start * row_bytes, rows * row_bytes)
+            start += rows
 
     def release_pages(self) -> None:
         """Drop the file's pages from this process's resident memory once the weights live in

@@ -3,7 +3,8 @@ SwiGLU) → RMSNorm → head. Pure functions; `engine.py` holds the only jit bou
 
 Architectures differ by small blocks the config switches on (config.ArchSpec), never by a copy
 of the forward: q/k/v biases (qwen2), per-head q/k RMSNorm (qwen3, gemma3), RoPE on adjacent
-pairs (llama) or on halves (NEOX: qwen2, qwen3, gemma3), scaled RoPE frequencies (Llama 3), and
+pairs (llama) or on halves (NEOX: qwen2, qwen3, gemma3, phi3), scaled RoPE frequencies (Llama 3,
+Phi-3's LongRoPE; phi3's fused tensors are split at load, config.split_fused_tensors), and
 Gemma 3's pieces: embeddings scaled by √D, sliding-window (local) layers with their own RoPE base
 between global ones, RMSNorm of each sub-block's output before the residual add, GELU-tanh gated
 FFN, a query scale of its own and, where the file sets it, soft-capped logits.
@@ -43,6 +44,30 @@ def post_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     return x if w is None else rms_norm(x, w, eps)
 
 
+# 2π as a head with 12 significant bits (so k·head is exact in f32 for k < 2^12) and a tail.
+_TWO_PI_HEAD = 6.28125
+_TWO_PI_TAIL = 2 * 3.141592653589793 - 6.28125
+
+
+def rope_angles(positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """position × frequency reduced to [-π, π] in f32 without losing the position's bits.
+
+    The plain f32 product at position p carries an error of about ulp(p) radians (3e-5 at 286),
+    which the tiny-file tests saw as 1.5e-4 logits against a float64 reference; llama.cpp has
+    the same. Here the frequency is split into a 12-bit head (p × head is exact for p < 2^12)
+    and a tail, whole turns are taken off the exact part with 2π in two pieces (Cody-Waite),
+    and the tail's small product is added last. Written by hand: XLA has no extended-precision
+    argument reduction for this product. positions [B, T] int, inv_freq [K/2] → [B, T, K/2].
+    """
+    p = positions.astype(jnp.float32)[..., None]
+    bits = jax.lax.bitcast_convert_type(inv_freq, jnp.uint32)
+    head = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
+    tail = inv_freq - head
+    exact = p * head  # exact: 12 × 12 significant bits for p < 2^12
+    turns = jnp.round(exact / (2 * jnp.pi))
+    return (exact - turns * _TWO_PI_HEAD) - turns * _TWO_PI_TAIL + p * tail
+
+
 def rope_tables(positions: jax.Array, cfg: ModelConfig, *, local: bool = False
                 ) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, 1, K/2] for integer positions [B, T]; frequency i is base^(-2i/K),
@@ -53,8 +78,11 @@ def rope_tables(positions: jax.Array, cfg: ModelConfig, *, local: bool = False
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
     if cfg.rope_freq_factors is not None and not local:
         inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    angles = rope_angles(positions, inv_freq)  # [B, T, K/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    if cfg.rope_attn_factor is not None:  # Phi-3 LongRoPE scales both (HF, llama.cpp's mscale)
+        cos, sin = cos * cfg.rope_attn_factor, sin * cfg.rope_attn_factor
+    return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

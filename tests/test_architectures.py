@@ -7,12 +7,17 @@ architecture's definition says:
   for qwen2; its converter does not permute Qwen's q/k rows the way it does llama's);
 - qwen3: per-head RMSNorm of q and k before RoPE, no biases, head dim K with H*K != D, NEOX RoPE;
 - Llama 3: the `llama` arch with RoPE frequencies divided by `rope_freqs.weight` (what llama.cpp's
-  converter writes for Llama 3.1+) or by the llama3 factors named in `llama.rope.scaling.*`.
+  converter writes for Llama 3.1+) or by the llama3 factors named in `llama.rope.scaling.*`;
+- phi3 (Phi-3 / 3.5): q/k/v fused into attn_qkv and gate/up into ffn_up (rows in that order, as
+  llama.cpp's converter writes them), NEOX RoPE; the 128k files' LongRoPE divides frequencies by
+  `rope_factors_short` within the original context and multiplies cos and sin by
+  `rope.scaling.attn_factor` (HF Phi3LongRoPEScaledRotaryEmbedding).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +31,11 @@ from tiny_gguf import TinyModel
 
 from realm_nb.config import ModelConfig, llama3_rope_factors
 from realm_nb.engine import PREFILL_BUCKETS, Engine
-from realm_nb.errors import MissingTensorError, UnsupportedArchitectureError
+from realm_nb.errors import MissingTensorError, ShapeMismatchError, UnsupportedArchitectureError
 from realm_nb.gguf_io import open_gguf
+from realm_nb.kernel import RealmKernel
 from realm_nb.tokenizer import build_tokenizer
+from realm_nb.types import Generation, SamplingParams
 from realm_nb.weights import check_tensors
 
 EXACT_TOL = 1e-4  # max abs logit error of `exact` (f32) against the float64 reference
@@ -40,6 +47,7 @@ LLAMA3_KEYS: dict[str, Any] = {"rope.scaling.type": "llama3", "rope.scaling.fact
                                "rope.scaling.high_freq_factor": 4.0,
                                "rope.scaling.original_context_length": 64}
 ROPE_FREQS = (1.0 + 7.0 * np.random.default_rng(5).random(tg.HEAD_DIM // 2)).astype(np.float32)
+PHI3_ORIGINAL = 400  # the LongRoPE file's original context, under its context_length
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,14 @@ class Case:
     pre: str = "default"
     metadata: dict[str, Any] = field(default_factory=dict)
     rope_freqs: np.ndarray | None = None  # written as rope_freqs.weight
+    longrope: bool = False  # rope_factors_short/long.weight (ROPE_FREQS and its reverse)
+    attn_factor: float = 1.0  # what the definition does with rope.scaling.attn_factor
 
     def freq_factors(self) -> np.ndarray | None:
         if self.rope_freqs is not None:
             return self.rope_freqs.astype(np.float64)
+        if self.longrope:  # within the original context: the short factors
+            return ROPE_FREQS.astype(np.float64)
         if self.metadata.get("rope.scaling.type") == "llama3":
             return llama3_reference_factors(self.head_dim, self.rope_base, **{
                 k.rsplit(".", 1)[1]: v for k, v in self.metadata.items()
@@ -71,6 +83,10 @@ CASES = {
     "llama3-rope-freqs": Case("llama", rope_base=500000.0, pre="llama-bpe",
                               rope_freqs=ROPE_FREQS),
     "llama3-scaling-keys": Case("llama", pre="llama-bpe", metadata=LLAMA3_KEYS),
+    "phi3": Case("phi3", rope_halves=True),
+    "phi3-longrope": Case("phi3", rope_halves=True, longrope=True, attn_factor=1.19,
+                          metadata={"rope.scaling.attn_factor": 1.19,
+                                    "rope.scaling.original_context_length": PHI3_ORIGINAL}),
 }
 
 
@@ -98,6 +114,9 @@ def write_case(path: Path, case: Case, seed: int = 3) -> TinyModel:
     extra = {}
     if case.rope_freqs is not None:
         extra["rope_freqs.weight"] = (case.rope_freqs, QT.F32)
+    if case.longrope:
+        extra["rope_factors_short.weight"] = (ROPE_FREQS, QT.F32)
+        extra["rope_factors_long.weight"] = (ROPE_FREQS[::-1] * 4.0, QT.F32)
     return tg.write_tiny_arch(path, case.arch, seed=seed, tied=case.arch != "qwen3",
                               head_dim=case.head_dim, rope_base=case.rope_base, pre=case.pre,
                               extra=extra, metadata=case.metadata)
@@ -105,7 +124,8 @@ def write_case(path: Path, case: Case, seed: int = 3) -> TinyModel:
 
 def reference(model: TinyModel, case: Case, ids: list[int]) -> np.ndarray:
     return reference_logits(model, ids, rope_halves=case.rope_halves, rope_base=case.rope_base,
-                            rope_freq_factors=case.freq_factors())
+                            rope_freq_factors=case.freq_factors(),
+                            rope_attn_factor=case.attn_factor)
 
 
 def random_ids(model: TinyModel, n: int, seed: int) -> list[int]:
@@ -133,6 +153,9 @@ def test_config_reads_the_architecture(case_model: tuple[Case, TinyModel, Engine
     assert cfg.qkv_bias == (case.arch == "qwen2")
     assert cfg.qk_norm == (case.arch == "qwen3")
     assert cfg.head_dim == case.head_dim and cfg.rope_base == case.rope_base
+    assert cfg.rope_attn_factor == (pytest.approx(case.attn_factor) if case.longrope else None)
+    assert cfg.context_length == (min(PHI3_ORIGINAL, tg.CONTEXT) if case.longrope
+                                  else tg.CONTEXT)
     factors = case.freq_factors()
     if factors is None:
         assert cfg.rope_freq_factors is None
@@ -197,7 +220,7 @@ def test_chunked_prefill_equals_one_prefill(case_model: tuple[Case, TinyModel, E
 
 
 @pytest.mark.parametrize("layout", ["packed", "fast"])
-@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3"])
 def test_other_layouts_stay_close_to_the_reference(layout: str, name: str,
                                                    tmp_path: Path) -> None:
     case = CASES[name]
@@ -226,7 +249,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> No
         ModelConfig.from_gguf(open_gguf(path))
     message = str(err.value)
     assert "'gptneox'" in message
-    for arch in ("llama", "mistral", "qwen2", "qwen3"):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"):
         assert arch in message
 
 
@@ -263,3 +286,81 @@ def test_pre_tokenizer_follows_the_file(pre: str, expected: list[str], tmp_path:
     path = tg.write_tiny_llama(tmp_path / f"{pre}.gguf", pre=pre).path
     tok = build_tokenizer(open_gguf(path))
     assert tok.encode("a 1", add_special_tokens=False).tokens == expected
+
+
+def test_phi3_fused_tensors_are_read_as_views_of_their_rows(tmp_path: Path) -> None:
+    """The file holds attn_qkv and a double-height ffn_up, not q/k/v/gate; each part reads the
+    fused tensor's rows in place (no copy), and a fused tensor of the wrong height is named."""
+    model = write_case(tmp_path / "phi3.gguf", CASES["phi3"])
+    f = open_gguf(model.path)
+    assert "blk.0.attn_q.weight" not in f.tensors and "blk.0.ffn_gate.weight" not in f.tensors
+    assert f.tensors["blk.0.ffn_up.weight"].shape == (2 * tg.D_FF, tg.D_MODEL)
+    cfg = ModelConfig.from_gguf(f)
+    check_tensors(f, cfg)
+    qkv = f.tensors["blk.1.attn_qkv.weight"]
+    k = f.tensor("blk.1.attn_k.weight")
+    assert k.shape == (tg.N_KV_HEADS * tg.HEAD_DIM, tg.D_MODEL)
+    assert k.offset == qkv.offset + qkv.n_bytes // qkv.shape[0] * tg.N_HEADS * tg.HEAD_DIM
+    assert f.tensor("blk.1.ffn_up.weight").shape == (tg.D_FF, tg.D_MODEL)  # the up half
+
+    bad = {"blk.1.attn_qkv.weight": (np.ones((tg.N_HEADS * tg.HEAD_DIM + 8, tg.D_MODEL),
+                                             np.float32), QT.F32)}
+    path = tg.write_tiny_arch(tmp_path / "bad.gguf", "phi3", extra=bad).path
+    with pytest.raises(ShapeMismatchError) as err:
+        ModelConfig.from_gguf(open_gguf(path))
+    assert "'blk.1.attn_qkv.weight'" in str(err.value) and "attn_k" in str(err.value)
+
+
+# ================================================================ inside the guest
+
+
+def reference_greedy(model: TinyModel, case: Case, prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    while len(out) < n:
+        token = int(np.argmax(reference(model, case, prompt + out)[-1]))
+        out.append(token)
+        if token == model.vocab.eos_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3-longrope", "llama3-rope-freqs"])
+def test_guest_greedy_batched_with_another_tenant_equals_reference(name: str,
+                                                                   tmp_path: Path) -> None:
+    """Two tenants generate at once on a tiny file of the architecture, through their guests,
+    their decode steps batched by the scheduler; each gets the reference's greedy ids."""
+    case = CASES[name]
+    model = write_case(tmp_path / f"{name}-guest.gguf", case, seed=8)
+    kernel = RealmKernel.shared()
+    alias = f"{name}-tiny-guest"
+    kernel.load_model(str(model.path), name=alias, weights="exact")
+    prompts = [random_ids(model, 12, seed=21), random_ids(model, 7, seed=22)]
+    n = 10
+    expected = [reference_greedy(model, case, p, n) for p in prompts]
+    results: list[Generation | None] = [None, None]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = kernel.generate(
+                tenant=f"{name}-{i}", model=alias, prompt=prompts[i],
+                params=SamplingParams(max_tokens=n, temperature=0)).result()
+        except BaseException as e:  # handed to the test
+            errors.append(e)
+
+    try:
+        sid = kernel.model(alias).id
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        for i, g in enumerate(results):
+            assert g is not None and g.token_ids == expected[i], i
+        sched = kernel.stats()["schedulers"][sid]
+        assert sched["decode_rows"] > sched["steps"]  # some decode steps held both tenants
+    finally:
+        kernel.unload_model(alias)

@@ -65,11 +65,13 @@ def _rope(x: np.ndarray, positions: np.ndarray, *, halves: bool = False,
 
 def reference_logits(model: TinyModel, ids: list[int], *, rope_halves: bool = False,
                      rope_base: float = tg.ROPE_BASE,
-                     rope_freq_factors: np.ndarray | None = None) -> np.ndarray:
+                     rope_freq_factors: np.ndarray | None = None,
+                     rope_attn_factor: float = 1.0) -> np.ndarray:
     """Logits [T, V] at every position of `ids` (one sequence from position 0), float64.
 
     Where the file has them, q/k/v biases are added to the projections (Qwen 2) and q and k are
-    RMS-normed per head before RoPE (Qwen 3); K is read from attn_q's rows.
+    RMS-normed per head before RoPE (Qwen 3); K is read from attn_q's rows. `rope_attn_factor`
+    multiplies RoPE's cos and sin (Phi-3 LongRoPE's scaling_factor in HF).
     """
     w = {k: v.astype(np.float64) for k, v in model.weights.items()}
     t = len(ids)
@@ -80,7 +82,8 @@ def reference_logits(model: TinyModel, ids: list[int], *, rope_halves: bool = Fa
     head_dim = w["blk.0.attn_q.weight"].shape[0] // tg.N_HEADS
 
     def rope(x: np.ndarray) -> np.ndarray:
-        return _rope(x, pos, halves=rope_halves, base=rope_base, freq_factors=rope_freq_factors)
+        return rope_attn_factor * _rope(x, pos, halves=rope_halves, base=rope_base,
+                                        freq_factors=rope_freq_factors)
 
     for layer in range(tg.N_LAYERS):
         p = f"blk.{layer}."

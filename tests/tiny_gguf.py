@@ -212,6 +212,7 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
     plan.update(replace or {})
     for name in omit:
         plan.pop(name)
+    fused = _fuse(plan, n_layers) if arch in FUSED_ARCHS else {}
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
@@ -275,7 +276,36 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, tied: bool = True, arch
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    for name, parts in fused.items():  # the reference reads the parts, as stored
+        whole = model.weights[name]
+        start = 0
+        for part, rows in parts:
+            model.weights[part] = whole[start:start + rows]
+            start += rows
     return model
+
+
+# Architectures whose files hold q/k/v as one attn_qkv and gate/up as one ffn_up (Phi-3).
+FUSED_ARCHS = ("phi3",)
+
+
+def _fuse(plan: dict[str, tuple[np.ndarray, QT]], n_layers: int
+          ) -> dict[str, list[tuple[str, int]]]:
+    """Replace each layer's q/k/v by attn_qkv (rows q, k, v) and gate/up by ffn_up (rows gate,
+    up), as llama.cpp's Phi-3 converter writes them, each in the type of its first part.
+    Returns fused name → [(part name, rows)]."""
+    fused: dict[str, list[tuple[str, int]]] = {}
+    for layer in range(n_layers):
+        p = f"blk.{layer}."
+        for whole, parts in ((p + "attn_qkv.weight", ("attn_q", "attn_k", "attn_v")),
+                             (p + "ffn_up.weight", ("ffn_gate", "ffn_up"))):
+            arrays = [plan.pop(f"{p}{part}.weight") for part in parts]
+            if whole in plan and whole != p + "ffn_up.weight":  # given as it is (a bad file)
+                continue
+            plan[whole] = (np.concatenate([a for a, _ in arrays]), arrays[0][1])
+            fused[whole] = [(f"{p}{part}.weight", a.shape[0]) for part, (a, _) in
+                            zip(parts, arrays, strict=True)]
+    return fused
 
 
 def write_tiny_spm(path: str | Path, *, seed: int = 0) -> TinyModel:
