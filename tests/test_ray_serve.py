@@ -303,9 +303,10 @@ def test_killing_a_replica_fails_only_its_requests(cluster: str,
             assert "retry" in error.message
             error, text = sdk  # the SDK raises the same class the server named
             assert text and isinstance(error, ReplicaLostError)
-        else:  # the other replica's tenants never noticed
-            assert isinstance(whole, str) and whole.startswith(golden[tenant])
-            assert streamed == whole and sdk == whole
+        else:  # the other replica's tenants never noticed (192 tokens each: compared by
+            # their first 12, golden's, as a near-tie may part texts that long; FACTS.md)
+            for text in (whole, streamed, sdk):
+                assert isinstance(text, str) and text.startswith(golden[tenant]), outcome
 
     text, replica = complete(cluster, "sk-ann", "ann")  # the lost tenant, once more
     assert text == golden["ann"] and replica != victim
