@@ -145,8 +145,8 @@ async def on_disconnect(receive: Receive, gone: Callable[[], Any]) -> None:
 def replica_lost(error: BaseException) -> ReplicaLostError:
     return ReplicaLostError(
         "the realm-nb replica running this request stopped before it ended (its Ray actor "
-        f"died: {type(error).__name__}); the request is lost, retry it: a live replica takes "
-        "this tenant now (its earlier conversation state stayed with the lost replica)")
+        f"died or cannot be reached: {type(error).__name__}); the request is lost, retry it: "
+        "a live replica takes this tenant now")
 
 
 async def relay(messages: AsyncIterator[Message], scope: Scope, receive: Receive, send: Send,
