@@ -87,6 +87,7 @@ fi
 
 # ---- the default model and the main job ----
 python -m realm_nb pull smollm2-135m
+python -m realm_nb pull gemma3-270m  # the second catalogue model (tests, notebooks/06_models)
 python -m realm_nb warmup
 python -m realm_nb generate "The capital of France is" -n 32 --temperature 0
 

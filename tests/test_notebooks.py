@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-PLOTS = {"01_quickstart.ipynb": "token probabilities", "05_performance.ipynb": "tok/s by tenants"}
+PLOTS = {"01_quickstart.ipynb": "token probabilities", "05_performance.ipynb": "tok/s by tenants",
+         "06_models.ipynb": "perplexity per text and model"}
 
 # Absolute paths of a machine (a home, the temp dir, a checkout), keys and tokens.
 PRIVATE = [
