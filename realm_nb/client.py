@@ -36,7 +36,8 @@ def _model_info(d: dict[str, Any]) -> ModelInfo:
                      arch=d.get("arch"), quant=d.get("quant"), size_bytes=d.get("size"),
                      loaded=bool(d.get("loaded")), weights=d.get("weights"),
                      aliases=tuple(d.get("aliases") or ()),
-                     resident_bytes=int(d.get("resident_bytes") or 0), source=d.get("source"))
+                     resident_bytes=int(d.get("resident_bytes") or 0), source=d.get("source"),
+                     on_disk=d.get("on_disk"))
 
 
 def _raise_for(response: httpx.Response) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol, overload
 
 from .catalogue import DEFAULT_MODEL
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import InvalidRequestError, ModelNotFoundError, RealmError
 from .runtime import API_KEY_ENVS, DEFAULT_TENANT, env_value, find_runtime, notebook_tenant
 from .types import Generation, ModelInfo, SamplingParams, check_layout
 
@@ -125,7 +125,9 @@ class Realm:
         speaks_for_many = key is None or (found is not None and found.names_tenants
                                           and key == found.api_key)
         derived = notebook_tenant() if speaks_for_many else None
-        self.tenant = tenant or derived or DEFAULT_TENANT
+        named = tenant or derived  # None in server mode: the server's choice (the key's tenant)
+        # The tenant as the server runs us is asked for when first wanted (`tenant`).
+        self._tenant: str | None = named or (None if mode == "server" else DEFAULT_TENANT)
         self.weights = weights
         self.endpoint = endpoint
         self.default_model: str = (default_model or os.environ.get("REALM_MODEL")
@@ -143,15 +145,26 @@ class Realm:
                     param="endpoint")
             from .client import HttpBackend
 
-            named = tenant or derived  # None: the server's choice (the key's tenant)
             self._backend = HttpBackend(endpoint, api_key=key, timeout=timeout, tenant=named)
         else:
             self._backend = LocalBackend(mesh)
 
-    def __repr__(self) -> str:  # never shows the key
+    def __repr__(self) -> str:  # never shows the key; never fails for want of the server
         where = self.endpoint if self.mode == "server" else "this process"
+        try:
+            tenant = repr(self.tenant)
+        except RealmError:
+            tenant = "(the key's, server unreachable)"
         return (f"Realm(mode={self.mode!r}, default_model={self.default_model!r}, "
-                f"tenant={self.tenant!r}, {where})")
+                f"tenant={tenant}, {where})")
+
+    @property
+    def tenant(self) -> str:
+        """The tenant this client runs as: the one it names (the notebook's, or `tenant=`), or,
+        with a plain key on a server, the key's tenant as the server reports it (asked once)."""
+        if self._tenant is None:
+            self._tenant = str(self._backend.stats()["tenant"])
+        return self._tenant
 
     @property
     def model(self) -> str:
@@ -223,7 +236,7 @@ class Realm:
         (`{"stage": "loading", "done": i, "total": n}`, `{"stage": "compiling"}`).
         """
         params = _params(sampling)
-        s = self._backend.generate(tenant=self.tenant, model=model or self.default_model,
+        s = self._backend.generate(tenant=self._tenant or "", model=model or self.default_model,
                                    prompt=prompt, params=params, echo=echo, logprobs=logprobs,
                                    weights=self.weights)
         return self._finish(s, stream, on_progress)
@@ -252,7 +265,7 @@ class Realm:
              **sampling: Any) -> Generation | Stream:
         """Reply to a conversation, formatted with the model's own chat template."""
         params = _params(sampling)
-        s = self._backend.chat(tenant=self.tenant, model=model or self.default_model,
+        s = self._backend.chat(tenant=self._tenant or "", model=model or self.default_model,
                                messages=messages, params=params, logprobs=logprobs,
                                weights=self.weights)
         return self._finish(s, stream, on_progress)
@@ -270,7 +283,7 @@ class Realm:
         """Stop this tenant's running generations (their partial text is kept); returns how
         many were running. The runtime is asked first, so that its count includes this Realm's
         own streams (cancelled one by one beforehand, they left it nothing to count)."""
-        n = self._backend.cancel(self.tenant)
+        n = self._backend.cancel(self._tenant or "")
         for s in self._streams:
             s.cancel()  # a no-op for those the runtime just stopped
         return n

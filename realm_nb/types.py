@@ -187,11 +187,13 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     resident_bytes: int = 0
     source: str | None = None
+    on_disk: bool | None = None  # a file is there; None: as `path` says (a server hides paths)
 
     @property
     def state(self) -> str:
         """"resident" (in the store now), "on disk" (a file, not resident) or "not pulled"."""
-        return "resident" if self.loaded else "on disk" if self.path else "not pulled"
+        on_disk = bool(self.path) if self.on_disk is None else self.on_disk
+        return "resident" if self.loaded else "on disk" if on_disk else "not pulled"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

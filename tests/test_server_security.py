@@ -192,6 +192,38 @@ def test_stats_of_a_plain_key_show_only_its_tenant(keyed: BackgroundServer) -> N
     assert {"bob", "someone-else"} <= {t["id"] for t in everyone["tenants"]}
 
 
+def test_only_an_admin_sees_where_model_files_are(keyed: BackgroundServer,
+                                                  models_dir: Path) -> None:
+    """A plain key gets names, ids and whether a file is there, never a server path; an
+    admin's view keeps the paths; the SDK's model states read the same for both."""
+    from realm_nb.sdk import Realm
+
+    for_bob = httpx.get(keyed.url + "/v1/models", headers=auth(BOB)).json()["data"]
+    for_admin = httpx.get(keyed.url + "/v1/models", headers=auth(ADMIN)).json()["data"]
+    assert str(models_dir) not in str(for_bob) and all(m["path"] is None for m in for_bob)
+    tiny = next(m for m in for_admin if m["id"] == TINY)
+    assert tiny["path"] == str(models_dir / "tiny.gguf") and tiny["on_disk"]
+    one = httpx.get(keyed.url + f"/v1/models/{TINY}", headers=auth(BOB)).json()
+    assert one["path"] is None and one["on_disk"] and one["content_id"] == tiny["content_id"]
+    states = {key: {m.name: m.state for m in Realm(mode="server", endpoint=keyed.url,
+                                                   api_key=key).models()}
+              for key in (BOB, ADMIN)}
+    assert states[BOB] == states[ADMIN] and states[BOB][TINY] in ("resident", "on disk")
+
+
+def test_a_plain_keys_realm_shows_the_tenant_the_server_runs_it_as(
+        keyed: BackgroundServer) -> None:
+    from realm_nb.sdk import Realm
+
+    bob = Realm(mode="server", endpoint=keyed.url, api_key=BOB)
+    assert bob.tenant == "bob" and "tenant='bob'" in repr(bob)
+    assert bob.generate("hello", model=TINY, max_tokens=1).tenant == "bob"
+    named = Realm(mode="server", endpoint=keyed.url, api_key=RUNTIME, tenant="nb/a.ipynb")
+    assert named.tenant == "nb/a.ipynb" and "tenant='nb/a.ipynb'" in repr(named)
+    gone = Realm(mode="server", endpoint="http://127.0.0.1:9", api_key=BOB)
+    assert "server unreachable" in repr(gone)  # repr never raises
+
+
 def test_request_ids_are_not_a_sequence(keyed: BackgroundServer) -> None:
     ids = []
     for _ in range(3):

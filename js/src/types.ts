@@ -127,6 +127,7 @@ export interface ModelInfo {
   /** Content id (a hash prefix of the file). */
   id: string;
   name: string;
+  /** Where the file is on the server: given to admin keys only (null for others). */
   path: string | null;
   arch: string | null;
   quant: string | null;

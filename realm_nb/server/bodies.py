@@ -7,6 +7,7 @@ builders turn a kernel `Generation` into OpenAI's `text_completion` / `chat.comp
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -285,10 +286,14 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, g: Generation) -> 
             "choices": [], "usage": usage(g)}
 
 
-def model_entry(info: Any) -> dict[str, Any]:
-    """One row of GET /v1/models: OpenAI's model object plus realm-nb's fields."""
+def model_entry(info: Any, *, admin: bool) -> dict[str, Any]:
+    """One row of GET /v1/models: OpenAI's model object plus realm-nb's fields. Where the file
+    lives on the server is the admin's business: other callers get `path` null (and no alias
+    that is a path) and only whether a file is there (`on_disk`)."""
     return {"id": info.name, "object": "model", "created": 0, "owned_by": "realm-nb",
             "content_id": info.id, "arch": info.arch, "quant": info.quant,
-            "size": info.size_bytes, "loaded": info.loaded, "path": info.path,
-            "weights": info.weights, "aliases": list(info.aliases),
+            "size": info.size_bytes, "loaded": info.loaded,
+            "path": info.path if admin else None, "on_disk": bool(info.path),
+            "weights": info.weights,
+            "aliases": [a for a in info.aliases if admin or not os.path.isabs(a)],
             "resident_bytes": info.resident_bytes, "source": info.source}

@@ -10,14 +10,15 @@ from fastapi import APIRouter
 from .. import catalogue, discovery
 from ..errors import ModelInUseError, ModelNotFoundError
 from .bodies import LoadModelRequest, UnloadModelRequest, model_entry
-from .context import CallerDep, ContextDep, TenantDep
+from .context import CallerDep, ContextDep
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models")
-async def list_models(ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
-    return {"object": "list", "data": [model_entry(m) for m in ctx.kernel.models()]}
+async def list_models(ctx: ContextDep, caller: CallerDep) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [model_entry(m, admin=caller.admin) for m in ctx.kernel.models()]}
 
 
 @router.post("/v1/models/load")
@@ -39,7 +40,7 @@ async def load_model(body: LoadModelRequest, ctx: ContextDep, caller: CallerDep)
             if body.name is None:
                 await ctx.audited("load", caller, repr(entry.name),
                                   lambda: kernel.store.ensure_resident(entry))
-                return model_entry(entry.info())
+                return model_entry(entry.info(), admin=True)
             source = str(entry.path)
     if body.name is not None:
         ctx.check_name_free(body.name, Path(source) if entry_cat is None
@@ -47,7 +48,7 @@ async def load_model(body: LoadModelRequest, ctx: ContextDep, caller: CallerDep)
     info = await ctx.audited(
         "load", caller, f"{body.model!r}" + (f" as {body.name!r}" if body.name else ""),
         lambda: kernel.load_model(source, name=body.name, weights=body.weights))
-    return model_entry(info)
+    return model_entry(info, admin=True)
 
 
 @router.post("/v1/models/unload")
@@ -64,13 +65,13 @@ async def unload_model(body: UnloadModelRequest, ctx: ContextDep,
             "take it from under them: cancel them or wait", param="model")
     info = await ctx.audited("unload", caller, repr(body.model),
                              lambda: kernel.unload_model(body.model))
-    return model_entry(info)
+    return model_entry(info, admin=True)
 
 
 @router.get("/v1/models/{model:path}")
-async def get_model(model: str, ctx: ContextDep, tenant: TenantDep) -> dict[str, Any]:
+async def get_model(model: str, ctx: ContextDep, caller: CallerDep) -> dict[str, Any]:
     for m in ctx.kernel.models():
         if model in (m.name, m.id, *m.aliases):
-            return model_entry(m)
+            return model_entry(m, admin=caller.admin)
     raise ModelNotFoundError(f"no model is called {model!r}; see GET /v1/models",
                              param="model")
