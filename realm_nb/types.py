@@ -189,11 +189,14 @@ class ModelInfo:
     source: str | None = None
     on_disk: bool | None = None  # a file is there; None: as `path` says (a server hides paths)
 
+    def __post_init__(self) -> None:
+        if self.on_disk is None:
+            object.__setattr__(self, "on_disk", bool(self.path))
+
     @property
     def state(self) -> str:
         """"resident" (in the store now), "on disk" (a file, not resident) or "not pulled"."""
-        on_disk = bool(self.path) if self.on_disk is None else self.on_disk
-        return "resident" if self.loaded else "on disk" if on_disk else "not pulled"
+        return "resident" if self.loaded else "on disk" if self.on_disk else "not pulled"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
