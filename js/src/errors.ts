@@ -248,6 +248,21 @@ export class ServerConnectionError extends RealmError {
   static override readonly code: string = "server_unreachable";
 }
 
+/** The Ray Serve replica running a request stopped before it ended (`realm-nb serve --ray`);
+ * a retry goes to a live replica. */
+export class ReplicaLostError extends RealmError {
+  static override readonly type: string = "ReplicaLostError";
+  static override readonly status: number = 503;
+  static override readonly code: string = "replica_lost";
+}
+
+/** A feature needs an optional extra of the Python package that is not installed. */
+export class MissingExtraError extends RealmError {
+  static override readonly type: string = "MissingExtraError";
+  static override readonly status: number = 501;
+  static override readonly code: string = "missing_extra";
+}
+
 // --- server bodies → classes -------------------------------------------------------------------
 
 /** Every class of the family, base first. */
@@ -258,7 +273,7 @@ export const ERROR_CLASSES: readonly (typeof RealmError)[] = [
   ModelInUseError, ModelNameTakenError, RequestTooLargeError, UnsupportedMediaTypeError,
   QueueFullError, MemoryBudgetError, StreamBusyError, GuestTrap, AbiVersionError, Cancelled,
   GuestError, GuestBuildError, KernelBuildError, AuthenticationError, PermissionDeniedError, RateLimitError, RequestNotFoundError,
-  ServerConnectionError,
+  ServerConnectionError, ReplicaLostError, MissingExtraError,
 ];
 
 const BY_TYPE = new Map<string, typeof RealmError>(ERROR_CLASSES.map((c) => [c.type, c]));
