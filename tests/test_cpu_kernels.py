@@ -295,14 +295,9 @@ def test_fallback_equals_kernel_within_activation_rounding(
     assert not np.array_equal(kernel, fallback)  # the kernel really ran the first time
 
 
-def test_tiny_model_runs_in_packed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_model_runs_in_packed(tmp_path: Path) -> None:
     from test_model import build_engine
     from tiny_gguf import write_tiny_llama
-
-    from realm_nb import kvcache
-
-    if "packed" not in kvcache.KV_DTYPES:  # TODO(kvcache owner): f16 as for `fast`, as llama.cpp
-        monkeypatch.setitem(kvcache.KV_DTYPES, "packed", "float16")
 
     tiny = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
     exact = build_engine(tiny.path, "exact")
