@@ -55,3 +55,36 @@ def generate_together(kernel: RealmKernel, model: str, tenants: list[str],
     sched = kernel.stats()["schedulers"][sid]
     assert sched["decode_rows"] > sched["steps"]  # some decode steps held several tenants
     return done
+
+
+def assert_batched_decode_equals_solo(engine: Any, a: list[int], b: list[int], tol: float
+                                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences a and b each decoded alone (slots 0, 1), then together in one step (slots 2,
+    3): the batch changes no row beyond `tol`. Returns the solo logits [V] of a and b; every
+    slot is released."""
+    engine.prefill(0, a, 0)
+    solo_a = engine.decode_step([0], [5], [len(a)])[0]
+    engine.prefill(1, b, 0)
+    solo_b = engine.decode_step([1], [6], [len(b)])[0]
+    engine.prefill(2, a, 0)
+    engine.prefill(3, b, 0)
+    both = engine.decode_step([2, 3], [5, 6], [len(a), len(b)])
+    for slot in range(4):
+        engine.release(slot)
+    np.testing.assert_allclose(both[0], solo_a, rtol=0, atol=tol)
+    np.testing.assert_allclose(both[1], solo_b, rtol=0, atol=tol)
+    assert not np.allclose(solo_a, solo_b, atol=1e-2)  # two different rows, not one twice
+    return solo_a, solo_b
+
+
+def assert_chunked_prefill_equals_reference(engine: Any, ids: list[int], ref: np.ndarray,
+                                            tol: float, split: int = 100) -> None:
+    """`ids` (past the largest prefill bucket: chunked inside the engine) in one call, and in two
+    calls split at `split`, both give the reference's logits [T, V]; slots 0, 1 released."""
+    whole = engine.prefill(0, ids, 0, all_logits=True)
+    assert float(np.max(np.abs(whole - ref))) <= tol
+    engine.prefill(1, ids[:split], 0)
+    rest = engine.prefill(1, ids[split:], split, all_logits=True)
+    engine.release(0)
+    engine.release(1)
+    np.testing.assert_allclose(rest, whole[split:], rtol=0, atol=tol)

@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 import pytest
 import tiny_gguf as tg
-from arch_checks import assert_layout_close, generate_together
+from arch_checks import (
+    assert_batched_decode_equals_solo,
+    assert_chunked_prefill_equals_reference,
+    assert_layout_close,
+    generate_together,
+)
 from gguf import GGMLQuantizationType as QT
 from test_model import build_engine
 from tiny_gguf import TinyModel
@@ -211,37 +216,18 @@ def test_batched_decode_equals_solo(case_model: tuple[Case, TinyModel, Engine]) 
     get the logits each gets alone, and the reference's."""
     case, model, engine = case_model
     a, b = random_ids(model, 30, seed=11), random_ids(model, 71, seed=12)
-    engine.prefill(0, a, 0)
-    solo_a = engine.decode_step([0], [5], [len(a)])[0]
-    engine.prefill(1, b, 0)
-    solo_b = engine.decode_step([1], [6], [len(b)])[0]
-    engine.prefill(2, a, 0)
-    engine.prefill(3, b, 0)
-    both = engine.decode_step([2, 3], [5, 6], [len(a), len(b)])
-    for slot in range(4):
-        engine.release(slot)
-    np.testing.assert_allclose(both[0], solo_a, rtol=0, atol=EXACT_TOL)
-    np.testing.assert_allclose(both[1], solo_b, rtol=0, atol=EXACT_TOL)
+    _, solo_b = assert_batched_decode_equals_solo(engine, a, b, EXACT_TOL)
     ref_b = reference_logits(model, case, [*b, 6])[-1]
     assert float(np.max(np.abs(solo_b - ref_b))) <= EXACT_TOL
-    assert not np.allclose(solo_a, solo_b, atol=1e-2)
 
 
 def test_chunked_prefill_equals_one_prefill(case_model: tuple[Case, TinyModel, Engine]) -> None:
     """A prompt past the largest prefill bucket (chunked inside the engine, the window spanning
     chunk and page boundaries) and a prompt fed in two calls both give the reference's logits."""
     case, model, engine = case_model
-    n = PREFILL_BUCKETS[-1] + 30
-    ids = random_ids(model, n, seed=13)
-    whole = engine.prefill(0, ids, 0, all_logits=True)
-    ref = reference_logits(model, case, ids)
-    assert float(np.max(np.abs(whole - ref))) <= EXACT_TOL
-    split = 100
-    engine.prefill(1, ids[:split], 0)
-    rest = engine.prefill(1, ids[split:], split, all_logits=True)
-    engine.release(0)
-    engine.release(1)
-    np.testing.assert_allclose(rest, whole[split:], rtol=0, atol=EXACT_TOL)
+    ids = random_ids(model, PREFILL_BUCKETS[-1] + 30, seed=13)
+    assert_chunked_prefill_equals_reference(engine, ids, reference_logits(model, case, ids),
+                                            EXACT_TOL)
 
 
 # ================================================================ the other layouts
