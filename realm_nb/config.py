@@ -255,8 +255,8 @@ def split_fused_tensors(f: GGUFFile, spec: ArchSpec, n_layers: int, *, q_rows: i
                                                (p + "ffn_up.weight", d_ff)])
 
 
-ROPE_FACTORS_SHORT = "rope_factors_short.weight"  # Phi-3 128k: LongRoPE, within the original
-ROPE_FACTORS_LONG = "rope_factors_long.weight"  # context and past it
+ROPE_FACTORS_SHORT = "rope_factors_short.weight"  # Phi-3 128k LongRoPE, within the original
+# context (its rope_factors_long.weight, for past it, is not read: see `longrope`)
 
 
 def longrope(f: GGUFFile, arch: str, head_dim: int, context: int
@@ -272,14 +272,7 @@ def longrope(f: GGUFFile, arch: str, head_dim: int, context: int
     """
     if ROPE_FACTORS_SHORT not in f.tensors:
         return None, None, context
-    half = head_dim // 2
-    info = f.expect_shape(ROPE_FACTORS_SHORT, (half,))
-    factors = np.asarray(gguf.quants.dequantize(np.asarray(f.raw(ROPE_FACTORS_SHORT)),
-                                                info.qtype), np.float64).reshape(half)
-    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
-        raise GGUFFormatError(f"{f.path.name}: tensor {ROPE_FACTORS_SHORT!r} holds values that "
-                              "are not finite and positive; the file is damaged",
-                              param=ROPE_FACTORS_SHORT)
+    factors = rope_divisors(f, ROPE_FACTORS_SHORT, head_dim // 2)
     attn_factor = f.get_float(f"{arch}.rope.scaling.attn_factor", 1.0, lo=1e-3, hi=1e3)
     original = f.get_int(f"{arch}.rope.scaling.original_context_length", context, lo=1,
                          hi=MAX_CONTEXT)
@@ -337,13 +330,7 @@ def rope_freq_factors(f: GGUFFile, arch: str, head_dim: int, rope_base: float
     factor = f.get_float(f"{arch}.rope.scaling.factor", 1.0, lo=1e-6, hi=1e6)
     factors: np.ndarray | None = None
     if ROPE_FREQS_TENSOR in f.tensors:
-        info = f.expect_shape(ROPE_FREQS_TENSOR, (half,))
-        factors = np.asarray(gguf.quants.dequantize(np.asarray(f.raw(ROPE_FREQS_TENSOR)),
-                                                    info.qtype), np.float64).reshape(half)
-        if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
-            raise GGUFFormatError(
-                f"{f.path.name}: tensor {ROPE_FREQS_TENSOR!r} holds values that are not "
-                "finite and positive; the file is damaged", param=ROPE_FREQS_TENSOR)
+        factors = rope_divisors(f, ROPE_FREQS_TENSOR, half)
     elif scaling == "llama3":
         factors = llama3_rope_factors(
             head_dim, rope_base, factor,
@@ -354,6 +341,17 @@ def rope_freq_factors(f: GGUFFile, arch: str, head_dim: int, rope_base: float
     if scaling == "linear" and factor != 1.0:
         factors = (np.ones(half) if factors is None else factors) * factor
     return None if factors is None else tuple(float(x) for x in factors)
+
+
+def rope_divisors(f: GGUFFile, name: str, half: int) -> np.ndarray:
+    """The [K/2] tensor `name` of RoPE frequency divisors, each checked finite and positive."""
+    info = f.expect_shape(name, (half,))
+    factors = np.asarray(gguf.quants.dequantize(np.asarray(f.raw(name)), info.qtype),
+                         np.float64).reshape(half)
+    if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+        raise GGUFFormatError(f"{f.path.name}: tensor {name!r} holds values that are not finite "
+                              "and positive; the file is damaged", param=name)
+    return factors
 
 
 def llama3_rope_factors(head_dim: int, rope_base: float, factor: float, *, low: float,
