@@ -5,13 +5,16 @@ owns and donates to every call so XLA updates it in place.
 The engine keeps the page bookkeeping (kvcache.PageAllocator) host-side: before each call it
 takes the pages the new positions need, grows the device pool when the allocator did, and passes
 the pages to write (page_ids, offsets [B, T]) and to read (table_rows [B, t_ctx / PAGE]).
-`release(slot)` hands a finished sequence's pages back; the last release shrinks the pool to its
-initial size.
+`release(slot)` hands a finished sequence's pages back: a `reserved` pool (kvcache.py; one CPU
+device) keeps its shape and gives those pages' memory back to the OS, a `grow` pool shrinks to its
+initial size at the last release.
 
 Shapes are bucketed so jit compiles a few programs only: prompt chunks pad to PREFILL_BUCKETS,
 decode batches pad to DECODE_BUCKETS (padding rows belong to a scratch slot whose table points at
 the scratch page), attention reads the first t_ctx cached positions, t_ctx a power of two
-(>= 128), and the pool holds a power of two of pages.
+(>= 128), and a `grow` pool holds a power of two of pages (each size a shape); a `reserved` pool
+has one size, so a step compiles once per (rows, tokens, t_ctx, all_logits). `step_shapes` counts
+the shapes an engine has run: what it keeps compiled.
 
 On a mesh (mesh.py; `mesh=` None is the plain single-device path, unchanged) the engine places
 the weights and the pool with placement.py and compiles the same forward with those shardings
@@ -22,6 +25,7 @@ the logits come back replicated.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import nullcontext
 from typing import Any
@@ -32,7 +36,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidRequestError
-from .kvcache import INITIAL_PAGES, PAGE, KVCache, PageAllocator, grow_pool, shrink_pool
+from .kvcache import (
+    _LIBC,
+    INITIAL_PAGES,
+    PAGE,
+    KVCache,
+    PageAllocator,
+    can_reserve,
+    drop_pages,
+    grow_pool,
+    host_buffer,
+    reserved_pool,
+    resident_bytes,
+    shrink_pool,
+)
 from .mesh import describe
 from .model import forward
 from .placement import cache_sharding, place_params, shardings_of
@@ -45,6 +62,10 @@ PREFILL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
 # the fast layout always has >= 2 rows, its activations being two int8 planes.
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_CTX_BUCKET = 128
+KV_POOLS = ("reserved", "grow")
+# a reserved pool is zeroed once at load (one array, k or v, resident at a time): past this many
+# bytes per array the engine grows its pool instead
+RESERVE_MAX_BYTES = 2 << 30
 
 
 def _forward_step(params: ModelWeights, cache: KVCache, tokens: jax.Array,
@@ -88,6 +109,14 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def _trim_heap() -> None:
+    """Give the OS the heap a compile freed: glibc keeps the compiler's temporaries in its
+    arenas otherwise (2-3 MiB per new step shape of SmolLM2's, measured with malloc_trim after
+    each). Once per new shape, beside a compile of about a second."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if n <= b:
@@ -99,13 +128,17 @@ class Engine:
     """Runs one model's weights over its own paged KV cache. Thread-safe (calls are serialized).
 
     kv_dtype: storage dtype of the cache (kvcache.kv_dtype_for(layout): f32 for `exact`, f16 for
-    `fast`). kv_initial_pages: pool size when idle (a power of two; page 0 is scratch).
-    mesh: the devices to spread the weights and pool over (mesh.build_mesh); None: one device.
+    `fast`). kv_pool: `reserved` or `grow` (kvcache.py); None: REALM_NB_KV_POOL, else reserved
+    where the pool lives in this process (one CPU device, Linux) and is at most RESERVE_MAX_BYTES
+    per array, grow otherwise. kv_initial_pages: a `grow` pool's size when idle (a power of two;
+    page 0 is scratch). mesh: the devices to spread the weights and pool over (mesh.build_mesh);
+    None: one device.
     """
 
     def __init__(self, cfg: ModelConfig, params: ModelWeights, *, n_slots: int = 8,
                  max_context: int = 2048, kv_dtype: np.dtype | str = "float32",
-                 kv_initial_pages: int = INITIAL_PAGES, mesh: Mesh | None = None) -> None:
+                 kv_initial_pages: int = INITIAL_PAGES, mesh: Mesh | None = None,
+                 kv_pool: str | None = None) -> None:
         if n_slots < 1 or n_slots > DECODE_BUCKETS[-1]:
             raise InvalidRequestError(
                 f"n_slots={n_slots}: must be in 1..{DECODE_BUCKETS[-1]}", param="n_slots")
@@ -116,8 +149,22 @@ class Engine:
         self.scratch_slot = n_slots  # padding rows of a batch belong here
         self.max_context = min(max_context, cfg.context_length)
         self.t_max = self._ctx_bucket(self.max_context)  # the widest window attention reads
-        self.pages = PageAllocator(n_slots, self.t_max // PAGE, initial_pages=kv_initial_pages)
-        self.cache = KVCache.zeros(cfg, self.pages.n_pages, np.dtype(kv_dtype))
+        width = self.t_max // PAGE
+        self.kv_pool = self._pool_kind(kv_pool, cfg, n_slots * width + 1, np.dtype(kv_dtype),
+                                       mesh)
+        self.pages = PageAllocator(n_slots, width, initial_pages=kv_initial_pages,
+                                   reserved=self.kv_pool == "reserved")
+        if self.kv_pool == "reserved":
+            self.cache = reserved_pool(cfg, self.pages.n_pages, np.dtype(kv_dtype))
+            if not can_reserve(self.cache):  # the arrays are not in this process's memory
+                raise InvalidRequestError(
+                    "kv_pool='reserved' needs the KV pool in this process's memory (one CPU "
+                    "device, Linux); use kv_pool='grow'", param="kv_pool")
+            self._pool_at = self._pool_address()
+        else:
+            self.cache = KVCache.zeros(cfg, self.pages.n_pages, np.dtype(kv_dtype))
+        self.step_shapes: set[tuple[int, int, int, int, bool]] = set()  # (P, B, T, t_ctx, all)
+        self.pool_moves = 0  # steps after which a reserved pool was not where it had been
         self.mesh = mesh
         self._step: Any = _step
         if mesh is not None:
@@ -129,6 +176,27 @@ class Engine:
             self._step = _sharded_step(mesh, self.params, self.cache, cfg)
         self._lock = threading.Lock()
         self.steps = 0
+
+    @staticmethod
+    def _pool_kind(kind: str | None, cfg: ModelConfig, n_pages: int, dtype: np.dtype,
+                   mesh: Mesh | None) -> str:
+        kind = kind or os.environ.get("REALM_NB_KV_POOL") or None
+        if kind is not None:
+            if kind not in KV_POOLS:
+                raise InvalidRequestError(
+                    f"kv_pool={kind!r}: choose one of {KV_POOLS} (REALM_NB_KV_POOL too)",
+                    param="kv_pool")
+            if kind == "reserved" and mesh is not None:
+                raise InvalidRequestError("kv_pool='reserved' runs on one device, not a mesh; "
+                                          "use kv_pool='grow'", param="kv_pool")
+            return kind
+        array_bytes = cfg.n_layers * n_pages * PAGE * cfg.n_kv_heads * cfg.head_dim \
+            * dtype.itemsize
+        one_cpu = jax.default_backend() == "cpu" and len(jax.local_devices()) == 1
+        if (mesh is None and one_cpu and sys.platform.startswith("linux")
+                and array_bytes <= RESERVE_MAX_BYTES):
+            return "reserved"
+        return "grow"
 
     def _placed(self, cache: KVCache) -> KVCache:
         """The pool where the engine's mesh keeps it (as it is on one device)."""
@@ -143,19 +211,42 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the KV pool as it is now (it grows and shrinks with the sequences)."""
+        """Bytes of the KV pool in memory now, following the sequences: a grow pool's size; a
+        reserved pool's pages in use and scratch (`resident_bytes` measures what the OS holds:
+        that, give or take an OS page at the ends of a run of pages)."""
+        if self.kv_pool == "reserved":
+            return (self.pages.pages_used + 1) * (self.cache.nbytes // self.cache.n_pages)
         return self.cache.nbytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the pool the OS holds in memory now (mincore), where the pool is in this
+        process's memory; else `cache_bytes`."""
+        measured = [resident_bytes(x) for x in (self.cache.k, self.cache.v)]
+        if any(m is None for m in measured):
+            return self.cache_bytes
+        return sum(m or 0 for m in measured)
 
     def kv_stats(self) -> dict[str, int | str]:
         with self._lock:
-            return {**self.pages.stats(), "bytes": self.cache.nbytes,
-                    "dtype": str(self.cache.dtype)}
+            return {**self.pages.stats(), "bytes": self.cache_bytes,
+                    "resident_bytes": self.resident_bytes, "dtype": str(self.cache.dtype),
+                    "pool": self.kv_pool, "pool_bytes": self.cache.nbytes,
+                    "step_shapes": len(self.step_shapes)}
 
     def release(self, slot: int) -> None:
-        """The sequence in `slot` ended: its pages go back (the last one out shrinks the pool)."""
+        """The sequence in `slot` ended: its pages go back (a reserved pool hands their memory
+        to the OS; in a grow pool the last one out shrinks the pool)."""
         with self._lock:
+            held = self.pages.table[slot, : self.pages.held[slot]].tolist() \
+                if 0 <= slot < self.n_slots else []
             self.pages.release(slot)
-            if self.pages.n_pages < self.cache.n_pages:
+            if self.kv_pool == "reserved":
+                # with its free neighbours, so that an OS page two pool pages share goes too
+                free = set(self.pages.free_pages())
+                drop_pages(self.cache, {q for p in held for q in (p - 1, p, p + 1)
+                                        if q == p or q in free})
+            elif self.pages.n_pages < self.cache.n_pages:
                 self.cache = self._placed(shrink_pool(self.cache, self.pages.n_pages))
 
     @staticmethod
@@ -233,7 +324,26 @@ class Engine:
                                                 page_ids, offsets, table_rows, last_index,
                                                 cfg=self.cfg, all_logits=all_logits)
             self.steps += 1
-            return np.asarray(logits)
+            shape = (self.cache.n_pages, *tokens.shape, t_ctx, all_logits)
+            out = np.asarray(logits)
+            if shape not in self.step_shapes:  # this call compiled (or loaded) a program
+                self.step_shapes.add(shape)
+                _trim_heap()
+            if self.kv_pool == "reserved" and self._pool_address() != self._pool_at:
+                self._pool_moved()
+            return out
+
+    def _pool_moved(self) -> None:
+        """XLA did not update the donated pool in place: the new arrays are resident in full.
+        Hand back every page no sequence holds (and note it: it costs a copy of the pool)."""
+        self.pool_moves += 1
+        held = {int(p) for slot in range(self.n_slots)
+                for p in self.pages.table[slot, : self.pages.held[slot]]}
+        drop_pages(self.cache, [p for p in range(1, self.pages.n_pages) if p not in held])
+        self._pool_at = self._pool_address()
+
+    def _pool_address(self) -> tuple[int | None, int | None]:
+        return host_buffer(self.cache.k), host_buffer(self.cache.v)
 
     # ------------------------------------------------------------------ host-side reference loop
 

@@ -10,10 +10,19 @@ entry j is the page that holds the slot's positions j*PAGE .. (j+1)*PAGE-1.
   under the causal mask only (a taken page covers every position up to the query's own), and the
   pool starts zeroed, so the scratch page only ever holds finite values and adds exact zeros.
 - Pages are taken as a sequence grows (`PageAllocator.locate`, by position) and handed back when
-  it ends (`PageAllocator.release`). When the free list runs out the pool doubles (`grow_pool`:
-  the old pages are copied into a larger zeroed pool); when no slot holds a page it shrinks back
-  to its initial size (`shrink_pool`), so an idle runtime holds only the initial pool. Pool sizes
-  stay powers of two because each size is a compiled shape.
+  it ends (`PageAllocator.release`). How the pool's memory follows them depends on its kind:
+  - `reserved` (the default for one CPU device, Linux): the pool has its largest shape from the
+    start (every slot at its longest, + scratch), but only its address space is reserved: the
+    zeroed arrays are handed back to the OS at once (`madvise(MADV_DONTNEED)`, `drop_pages`), a
+    page becomes resident when a step first writes it and is handed back when its sequence
+    releases it. The pool's shape never changes, so the jitted
+    steps compile once per batch shape, not once per batch shape and pool size: each compiled
+    step holds ~5 MiB for the life of the process (XLA:CPU), and with a growing pool every size
+    it reached multiplied the programs the process kept (benchmarks/bench_soak.py).
+  - `grow` (other devices, a mesh, or REALM_NB_KV_POOL=grow): when the free list runs out the
+    pool doubles (`grow_pool`: the old pages are copied into a larger zeroed pool); when no slot
+    holds a page it shrinks back to its initial size (`shrink_pool`), so an idle runtime holds
+    only the initial pool. Pool sizes stay powers of two because each size is a compiled shape.
 - Storage dtype follows the weight layout: `exact` keeps f32 (it is the reference), `fast` stores
   f16 as llama.cpp does by default; the forward converts to f32 after the gather.
 
@@ -26,7 +35,11 @@ outside any jit (jit stays in engine.py).
 
 from __future__ import annotations
 
+import ctypes
 import heapq
+import mmap
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jax
@@ -85,6 +98,108 @@ class KVCache:
         return int(self.k.nbytes) + int(self.v.nbytes)
 
 
+# ================================================================ a reserved pool's memory
+
+_MADV_DONTNEED = 4  # linux/mman.h
+_OS_PAGE = mmap.PAGESIZE
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def host_buffer(x: jax.Array) -> int | None:
+    """The address of x's memory where it lives in this process (one CPU device), else None."""
+    if _LIBC is None or len(x.devices()) != 1 or next(iter(x.devices())).platform != "cpu":
+        return None
+    try:
+        return int(x.unsafe_buffer_pointer())
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def can_reserve(cache: KVCache) -> bool:
+    """Whether this pool's pages can be handed back to the OS one by one (`drop_pages`)."""
+    return host_buffer(cache.k) is not None and host_buffer(cache.v) is not None
+
+
+def _page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted pages as [start, end) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted(set(pages)):
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def drop_pages(cache: KVCache, pages: Iterable[int]) -> int:
+    """Hand the memory of these pool pages back to the OS (k and v, every layer); they read as
+    zeros afterwards. Only the OS pages wholly inside a run of pool pages go (a run's ends may
+    share an OS page with a neighbour, which keeps its bytes: a page is always written before
+    it is read, so what a released page holds never matters). Returns the bytes handed back;
+    0 where the pool is not in this process's memory. Call it only while no step runs on it."""
+    runs = _page_runs(pages)
+    return _drop(cache.k, runs) + _drop(cache.v, runs)
+
+
+def _drop(x: jax.Array, runs: list[tuple[int, int]]) -> int:
+    base = host_buffer(x)
+    if base is None or _LIBC is None or not runs:
+        return 0
+    n_layers, n_pages = int(x.shape[0]), int(x.shape[1])
+    page_bytes = int(x.nbytes) // (n_layers * n_pages)
+    dropped = 0
+    for layer in range(n_layers):
+        for a, b in runs:
+            start = base + (layer * n_pages + a) * page_bytes
+            end = base + (layer * n_pages + b) * page_bytes
+            lo = -(-start // _OS_PAGE) * _OS_PAGE
+            hi = end // _OS_PAGE * _OS_PAGE
+            if hi > lo and _LIBC.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+                dropped += hi - lo
+    return dropped
+
+
+def resident_bytes(x: jax.Array) -> int | None:
+    """How many bytes of x's memory are resident now (mincore), or None where x does not live
+    in this process's memory."""
+    base = host_buffer(x)
+    if base is None or _LIBC is None:
+        return None
+    lo = base // _OS_PAGE * _OS_PAGE
+    n = -(-(base + int(x.nbytes) - lo) // _OS_PAGE)
+    vec = (ctypes.c_ubyte * n)()
+    if _LIBC.mincore(lo, n * _OS_PAGE, vec) != 0:
+        return None
+    return sum(b & 1 for b in bytes(vec)) * _OS_PAGE
+
+
+def reserved_pool(cfg: ModelConfig, n_pages: int, dtype: np.dtype | str) -> KVCache:
+    """A zeroed pool of n_pages whose memory is handed back to the OS at once (k, then v, so
+    that at most one array is resident at a time): a page becomes resident when written."""
+    shape = (cfg.n_layers, n_pages, PAGE, cfg.n_kv_heads, cfg.head_dim)
+    every = [(0, n_pages)]
+    k = jnp.zeros(shape, dtype).block_until_ready()
+    _drop(k, every)
+    v = jnp.zeros(shape, dtype).block_until_ready()
+    _drop(v, every)
+    return KVCache(k, v)
+
+
 def grow_pool(cache: KVCache, n_pages: int) -> KVCache:
     """A pool of n_pages (> the current count) holding the old pages at the same indices."""
     old = cache.n_pages
@@ -111,12 +226,15 @@ class PageAllocator:
 
     `n_pages` is the pool size the device pool must have; it doubles when the free list runs out
     (up to `max_pages`, enough for every slot at its longest) and returns to `initial_pages`
-    when the last page comes back.
+    when the last page comes back. reserved: the pool has `max_pages` = every slot at its
+    longest + scratch from the start (no power of two needed) and never changes size.
     """
 
     def __init__(self, n_slots: int, table_width: int, *, initial_pages: int = INITIAL_PAGES,
-                 page_size: int = PAGE) -> None:
-        if initial_pages < 2 or initial_pages & (initial_pages - 1):
+                 page_size: int = PAGE, reserved: bool = False) -> None:
+        if reserved:
+            initial_pages = n_slots * table_width + 1
+        elif initial_pages < 2 or initial_pages & (initial_pages - 1):
             raise InvalidRequestError(
                 f"initial_pages={initial_pages}: the pool needs a power of two >= 2 pages "
                 "(page 0 is scratch)", param="initial_pages")
@@ -126,7 +244,9 @@ class PageAllocator:
         self.table = np.full((n_slots + 1, table_width), SCRATCH_PAGE, np.int32)  # [S+1, W]
         self.held = [0] * (n_slots + 1)  # pages taken per slot (a prefix of its table row)
         self.initial_pages = initial_pages
-        self.max_pages = max(initial_pages, _next_pow2(n_slots * table_width + 1))
+        self.reserved = reserved
+        self.max_pages = initial_pages if reserved else max(
+            initial_pages, _next_pow2(n_slots * table_width + 1))
         self.n_pages = initial_pages
         self._free = list(range(1, initial_pages))  # a heap: the lowest free page goes first
 
@@ -194,6 +314,10 @@ class PageAllocator:
         if self.pages_used == 0 and self.n_pages != self.initial_pages:
             self.n_pages = self.initial_pages
             self._free = list(range(1, self.initial_pages))
+
+    def free_pages(self) -> list[int]:
+        """Pages no slot holds (scratch aside), in no particular order."""
+        return list(self._free)
 
     def stats(self) -> dict[str, int]:
         return {"pages_total": self.n_pages, "pages_used": self.pages_used,

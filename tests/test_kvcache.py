@@ -8,7 +8,7 @@ across a page boundary, across a pool growth, and with two sequences whose pages
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +17,7 @@ from test_model import assert_close, reference_logits
 from tiny_gguf import TinyModel, write_tiny_llama
 
 from realm_nb.config import ModelConfig
-from realm_nb.engine import Engine
+from realm_nb.engine import Engine, _step
 from realm_nb.errors import ContextLengthError, InvalidRequestError
 from realm_nb.gguf_io import open_gguf
 from realm_nb.kvcache import (
@@ -127,7 +127,7 @@ def test_grow_pool_keeps_the_old_pages_and_zeroes_the_new() -> None:
 # ================================================================ the paged forward on a tiny model
 
 
-def tiny_engine(path: Path, layout: str = "exact", **kw: int) -> Engine:
+def tiny_engine(path: Path, layout: str = "exact", **kw: Any) -> Engine:
     f = open_gguf(path)
     cfg = ModelConfig.from_gguf(f)
     types = stack_types(f, cfg)
@@ -164,7 +164,7 @@ def test_cached_decode_equals_recompute_across_a_page_boundary(tiny: TinyModel) 
 
 
 def test_cached_decode_survives_a_pool_growth(tiny: TinyModel) -> None:
-    engine = tiny_engine(tiny.path, kv_initial_pages=4)  # 3 usable pages
+    engine = tiny_engine(tiny.path, kv_pool="grow", kv_initial_pages=4)  # 3 usable pages
     a, b = _ids(tiny, 2 * PAGE + 8, seed=4), _ids(tiny, PAGE + 8, seed=5)
     n0 = 2 * PAGE - 2
     la = engine.prefill(0, a[:n0], 0)  # 2 pages of a
@@ -172,7 +172,8 @@ def test_cached_decode_survives_a_pool_growth(tiny: TinyModel) -> None:
     engine.prefill(1, b, 0)  # 2 pages of b: the pool doubles while a's pages hold data
     stats = engine.kv_stats()
     assert stats["pages_total"] == 8 and stats["pages_used"] == 4
-    assert stats["bytes"] == 2 * tiny_engine(tiny.path, kv_initial_pages=4).cache_bytes
+    assert stats["bytes"] == 2 * tiny_engine(tiny.path, kv_pool="grow",
+                                             kv_initial_pages=4).cache_bytes
     ref = reference_logits(tiny, a)
     for pos in range(n0, len(a)):  # a's decode reads its pre-growth pages, then takes a 5th
         assert_close(la, ref[pos - 1])
@@ -213,7 +214,7 @@ def test_two_interleaved_sequences_equal_their_solo_runs(tiny: TinyModel) -> Non
 
 
 def test_pool_returns_to_its_initial_bytes_when_all_sequences_end(tiny: TinyModel) -> None:
-    engine = tiny_engine(tiny.path, kv_initial_pages=4)
+    engine = tiny_engine(tiny.path, kv_pool="grow", kv_initial_pages=4)
     initial = engine.cache_bytes
     sched = Scheduler(lambda: engine, engine.n_slots, name="tiny")
     try:
@@ -225,8 +226,11 @@ def test_pool_returns_to_its_initial_bytes_when_all_sequences_end(tiny: TinyMode
         sched.close(seqs[0])
         assert engine.kv_stats()["pages_used"] == 3 and engine.cache_bytes == 2 * initial
         sched.close(seqs[1])
-        assert engine.kv_stats() == {"pages_total": 4, "pages_used": 0, "page_size": PAGE,
-                                     "bytes": initial, "dtype": "float32"}
+        stats = engine.kv_stats()
+        assert 0 < int(stats.pop("resident_bytes")) <= initial + 8192  # measured: OS pages
+        assert stats == {"pages_total": 4, "pages_used": 0, "page_size": PAGE, "bytes": initial,
+                         "dtype": "float32", "pool": "grow", "pool_bytes": initial,
+                         "step_shapes": 4}
         # and the engine still works from the small pool
         ids = _ids(tiny, 20, seed=10)
         seq = sched.open("t3")
@@ -240,7 +244,7 @@ def test_pool_returns_to_its_initial_bytes_when_all_sequences_end(tiny: TinyMode
 def test_fast_layout_stores_f16_and_its_decode_equals_its_recompute(tiny: TinyModel) -> None:
     fast, exact = tiny_engine(tiny.path, "fast"), tiny_engine(tiny.path, "exact")
     assert fast.kv_stats()["dtype"] == "float16" and exact.kv_stats()["dtype"] == "float32"
-    assert fast.cache_bytes * 2 == exact.cache_bytes
+    assert fast.cache.nbytes * 2 == exact.cache.nbytes
     ids = _ids(tiny, PAGE + 4, seed=12)
     logits = fast.prefill(0, ids[:PAGE - 2], 0)
     for pos in range(PAGE - 2, len(ids)):
@@ -252,3 +256,79 @@ def test_fast_layout_stores_f16_and_its_decode_equals_its_recompute(tiny: TinyMo
     np.testing.assert_allclose(logits, full, rtol=0, atol=2e-3 * spread)
     ref = exact.prefill(0, ids, 0)  # and f16 storage keeps it near the f32 reference
     assert float(np.max(np.abs(logits - ref))) < 0.3 * float(np.std(ref))
+
+
+# ================================================================ the reserved pool
+
+
+def _compiled() -> int:
+    """Programs in the step's jit cache (one per shape it was called with)."""
+    return int(cast(Any, _step)._cache_size())
+
+
+def _fill(engine: Engine, tiny: TinyModel, slots: range, n: int) -> None:
+    for slot in slots:
+        engine.prefill(slot, _ids(tiny, n, seed=20 + slot), 0)
+
+
+def test_a_reserved_pool_compiles_nothing_new_when_more_pages_are_held(tiny: TinyModel) -> None:
+    """A compiled step keeps ~5 MiB for the life of the process (XLA:CPU). With a pool that
+    doubled, the same short request compiled again at every pool size reached, and those
+    programs stayed after the pool shrank (bench_soak.py: RSS after the run 1.10x its warm-up
+    figure). A reserved pool has one shape: its programs depend on the batch shape only."""
+    engine = tiny_engine(tiny.path, n_slots=5, max_context=512)  # 5 slots x 8 pages + scratch
+    assert engine.kv_pool == "reserved" and engine.kv_stats()["pages_total"] == 41
+
+    def short_request() -> None:
+        ids = _ids(tiny, 20, seed=30)
+        logits = engine.prefill(0, ids, 0)
+        engine.decode_step([0], [int(np.argmax(logits))], [len(ids)])
+        engine.release(0)
+
+    short_request()
+    shapes = set(engine.step_shapes)
+    _fill(engine, tiny, range(1, 5), 4 * PAGE)  # 16 pages: past a grow pool's first 16 (+1)
+    assert engine.kv_stats()["pages_used"] == 16
+    compiled = _compiled()
+    short_request()
+    assert _compiled() == compiled  # the same request compiled nothing
+    for slot in range(1, 5):
+        engine.release(slot)
+    short_request()
+    assert _compiled() == compiled
+    assert engine.step_shapes == shapes | {(41, 1, 256, 256, False)}  # + the fill's prefill
+    assert engine.pool_moves == 0  # every step updated the pool in place
+
+
+def test_a_reserved_pool_hands_released_pages_back_to_the_os(tiny: TinyModel) -> None:
+    engine = tiny_engine(tiny.path, n_slots=5, max_context=512)
+    page_bytes = engine.cache.nbytes // engine.pages.n_pages  # k and v, every layer
+    idle = engine.resident_bytes  # measured (mincore): the pool's address space is not memory
+    assert idle <= 4 * page_bytes < engine.cache.nbytes // 10
+    assert engine.cache_bytes == page_bytes  # the scratch page
+    _fill(engine, tiny, range(5), 4 * PAGE)
+    held = engine.resident_bytes
+    assert held - idle >= 0.9 * 20 * page_bytes and engine.cache_bytes == 21 * page_bytes
+    for slot in (1, 3, 0, 4):  # out of order: the pages between runs go when both sides are free
+        engine.release(slot)
+    assert engine.resident_bytes - idle <= 0.3 * (held - idle)  # slot 2's 4 pages, + edges
+    engine.release(2)
+    assert engine.resident_bytes <= idle + 2 * page_bytes
+    stats = engine.kv_stats()
+    assert stats["bytes"] == page_bytes and stats["resident_bytes"] == engine.resident_bytes
+    assert stats["pool"] == "reserved" and stats["pool_bytes"] == engine.cache.nbytes
+    # released pages read as zeros (but for the OS pages they share with scratch page 0), and a
+    # new sequence on them equals the reference
+    assert not np.asarray(engine.cache.k)[:, 2:].any()
+    ids = _ids(tiny, PAGE + 10, seed=31)
+    assert_close(engine.prefill(3, ids, 0), reference_logits(tiny, ids)[-1])
+
+
+def test_kv_pool_choice() -> None:
+    with pytest.raises(InvalidRequestError, match="initial_pages"):
+        PageAllocator(n_slots=1, table_width=2, initial_pages=3)  # grow pools: powers of two
+    alloc = PageAllocator(n_slots=3, table_width=4, reserved=True)
+    assert alloc.n_pages == alloc.max_pages == 13  # every slot at its longest + scratch
+    for slot in range(3):
+        _locate(alloc, slot, 0, 4 * PAGE)
+    assert alloc.n_pages == 13 and alloc.pages_used == 12
