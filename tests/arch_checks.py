@@ -88,3 +88,32 @@ def assert_chunked_prefill_equals_reference(engine: Any, ids: list[int], ref: np
     engine.release(0)
     engine.release(1)
     np.testing.assert_allclose(rest, whole[split:], rtol=0, atol=tol)
+
+
+def teacher_forced_vs_llamacpp(pairs: list[tuple[dict[str, Any], Generation]], near_tie: float,
+                               *, first_agrees: bool = False) -> tuple[int, int, list[str]]:
+    """llama.cpp's greedy ids scored by us (echo + logprobs over prompt + greedy ids): how many
+    of llama.cpp's choices are our top-1 too, of how many, and the misses, each asserted to be a
+    near-tie (our top-1 at most `near_tie` logprob above llama.cpp's choice) and, with
+    `first_agrees`, never at the first generated position."""
+    agree = total = 0
+    misses: list[str] = []
+    for case, g in pairs:
+        ids = case["prompt_ids"] + case["greedy_ids"]
+        assert g.prompt_ids == ids
+        assert g.logprobs is not None and len(g.logprobs) >= len(ids) - 1
+        first = len(case["prompt_ids"]) - 1
+        for j in range(first, len(ids) - 1):  # logprobs[j] scores ids[j + 1] given ids[:j + 1]
+            s = g.logprobs[j]
+            assert s.token_id == ids[j + 1]
+            total += 1
+            if s.top[0].token_id == s.token_id:
+                agree += 1
+                continue
+            gap = s.top[0].logprob - s.logprob
+            misses.append(f"{case['prompt']!r} @ {j}: ours {s.top[0].token_id} vs llama.cpp "
+                          f"{s.token_id}, {gap:.3f} apart")
+            assert not (first_agrees and j == first), misses[-1]
+            assert gap <= near_tie, misses[-1]
+    assert total == sum(len(case["greedy_ids"]) for case, _ in pairs)
+    return agree, total, misses

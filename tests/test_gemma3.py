@@ -34,6 +34,7 @@ from arch_checks import (
     assert_chunked_prefill_equals_reference,
     assert_layout_close,
     generate_together,
+    teacher_forced_vs_llamacpp,
 )
 from gguf import GGMLQuantizationType as QT
 from test_model import build_engine
@@ -375,29 +376,12 @@ def test_gemma3_prompt_ids_and_first_token_equal_llamacpp(
 def test_gemma3_teacher_forced_top1_agrees_with_llamacpp(gemma3_refs: dict,
                                                          scored: dict[str, list[Generation]]
                                                          ) -> None:
-    agree = total = 0
-    misses: list[str] = []
-    for case, g in zip(gemma3_refs["cases"], scored["exact"], strict=True):
-        ids = case["prompt_ids"] + case["greedy_ids"]
-        assert g.prompt_ids == ids and g.logprobs is not None
-        first = len(case["prompt_ids"]) - 1
-        for j in range(first, len(ids) - 1):  # logprobs[j] scores ids[j + 1]
-            s = g.logprobs[j]
-            assert s.token_id == ids[j + 1]
-            total += 1
-            if s.top[0].token_id == s.token_id:
-                agree += 1
-                continue
-            gap = s.top[0].logprob - s.logprob
-            misses.append(f"{case['prompt']!r} @ {j}: ours {s.top[0].token_id} vs llama.cpp "
-                          f"{s.token_id}, {gap:.3f} apart")
-            assert j != first, misses[-1]  # the first token always agrees
-            assert gap <= NEAR_TIE, misses[-1]
+    pairs = list(zip(gemma3_refs["cases"], scored["exact"], strict=True))
+    agree, total, misses = teacher_forced_vs_llamacpp(pairs, NEAR_TIE, first_agrees=True)
     rate = agree / total
     print(f"\ngemma3-270m exact vs llama.cpp, teacher-forced top-1: {agree}/{total} = {rate:.1%}")
     for m in misses:
         print("  near-tie:", m)
-    assert total == sum(len(c["greedy_ids"]) for c in gemma3_refs["cases"])
     assert rate >= MIN_AGREEMENT, misses
 
 

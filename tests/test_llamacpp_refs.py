@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from arch_checks import teacher_forced_vs_llamacpp
 
 from realm_nb.sdk import Realm
 from realm_nb.types import Generation
@@ -90,27 +91,9 @@ def test_first_position_top5_logits_match_llamacpp(
 
 def test_teacher_forced_top1_agrees_with_llamacpp(
         teacher_forced: list[tuple[dict[str, Any], Generation]]) -> None:
-    agree = total = 0
-    misses: list[str] = []
-    for case, g in teacher_forced:
-        ids = case["prompt_ids"] + case["greedy_ids"]
-        assert g.prompt_ids == ids
-        assert g.logprobs is not None and len(g.logprobs) >= len(ids) - 1
-        # logprobs[j] scores ids[j + 1] given ids[: j + 1]; llama.cpp chose the greedy ids
-        for j in range(len(case["prompt_ids"]) - 1, len(ids) - 1):
-            s = g.logprobs[j]
-            assert s.token_id == ids[j + 1]
-            total += 1
-            if s.top[0].token_id == s.token_id:
-                agree += 1
-                continue
-            gap = s.top[0].logprob - s.logprob
-            misses.append(f"{case['prompt']!r} @ {j}: ours {s.top[0].token_id} vs llama.cpp "
-                          f"{s.token_id}, {gap:.3f} apart")
-            assert gap <= NEAR_TIE, misses[-1]
+    agree, total, misses = teacher_forced_vs_llamacpp(teacher_forced, NEAR_TIE)
     rate = agree / total
     print(f"\nteacher-forced top-1 agreement with llama.cpp: {agree}/{total} = {rate:.1%}")
     for m in misses:
         print("  near-tie:", m)
-    assert total == sum(len(c["greedy_ids"]) for c, _ in teacher_forced)
     assert rate >= MIN_AGREEMENT, misses
