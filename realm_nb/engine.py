@@ -37,7 +37,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidRequestError
 from .kvcache import (
-    _LIBC,
     INITIAL_PAGES,
     PAGE,
     KVCache,
@@ -49,6 +48,7 @@ from .kvcache import (
     reserved_pool,
     resident_bytes,
     shrink_pool,
+    trim_heap,
 )
 from .mesh import describe
 from .model import forward
@@ -107,14 +107,6 @@ def enable_compilation_cache() -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
-def _trim_heap() -> None:
-    """Give the OS the heap a compile freed: glibc keeps the compiler's temporaries in its
-    arenas otherwise (2-3 MiB per new step shape of SmolLM2's, measured with malloc_trim after
-    each). Once per new shape, beside a compile of about a second."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -328,7 +320,7 @@ class Engine:
             out = np.asarray(logits)
             if shape not in self.step_shapes:  # this call compiled (or loaded) a program
                 self.step_shapes.add(shape)
-                _trim_heap()
+                trim_heap()
             if self.kv_pool == "reserved" and self._pool_address() != self._pool_at:
                 self._pool_moved()
             return out
